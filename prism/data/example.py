@@ -1,0 +1,80 @@
+"""The one example type every loader produces and every stage consumes.
+
+Shape legend used across prism: B prompts, G samples per prompt, N = B*G sequences, T tokens.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# An image as a loader found it: a path (already resolved against the data file), raw bytes, or
+# a decoded PIL image. Decoding happens late (at collation) so datasets stay cheap to hold.
+ImageRef = Union[str, bytes, Image.Image]
+
+
+class DataError(ValueError):
+    """A bad input file or example; the message is one line naming the file (and line)."""
+
+
+@dataclass
+class Example:
+    """One multimodal conversation.
+
+    messages: [{"role": "system" | "user" | "assistant", "content": str}], with one
+        `<image>` placeholder per image, in order, inside user turns.
+    images: one ImageRef per placeholder.
+    answer: ground-truth final answer (for verifiable rewards / accuracy), if known.
+    meta: anything else the source carried (e.g. the synthetic task's `scene`, `question_type`).
+    source: "file:line" (or "file:row") for error messages.
+    """
+
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The conversation up to (not including) the final assistant turn."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    @property
+    def response(self) -> str | None:
+        """The final assistant turn, if the example has one (a demonstration)."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[-1]["content"]
+        return None
+
+    @property
+    def question(self) -> str:
+        """Text of the last user turn without image placeholders (for logs and tables)."""
+        user = [m for m in self.messages if m["role"] == "user"]
+        return user[-1]["content"].replace(IMAGE_PLACEHOLDER, "").strip() if user else ""
+
+
+def load_image(ref: ImageRef, source: str = "<memory>") -> Image.Image:
+    """Decode an ImageRef to an RGB PIL image, with a one-line error naming the file."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    try:
+        if isinstance(ref, (bytes, bytearray)):
+            with Image.open(io.BytesIO(ref)) as im:
+                return im.convert("RGB")
+        path = Path(ref)
+        if not path.exists():
+            raise DataError(f"{source}: image file not found: {path}")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        what = ref if isinstance(ref, str) else "<bytes>"
+        raise DataError(f"{source}: cannot decode image {what}: {e.__class__.__name__}: {e}") from None

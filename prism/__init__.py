@@ -1,0 +1,3 @@
+"""prism: post-training for vision-language models (SFT -> ALIGN -> RLVR)."""
+
+__version__ = "0.1.0"

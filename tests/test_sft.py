@@ -1,0 +1,220 @@
+"""End-to-end behaviour of `prism-sft` on the tiny model: parameters move, frozen parts don't,
+resume is exact, a kill mid-save loses nothing, a NaN stops the run, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prism.config import ConfigError, SFTConfig, load_config
+from prism.data.synthetic import SynthConfig, generate
+from prism.models.loader import is_projector, is_vision_tower
+from prism.sft import train as sft
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(out=str(out), n=64, n_curated=48, n_align=4, n_rl=4, n_test=8, seed=1))
+    return out
+
+
+def _overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
+    base = {
+        "model.path": model_dir, "data.train": f"{data_dir}/curated.jsonl", "data.eval": f"{data_dir}/test.jsonl",
+        "data.eval_limit": 4, "train.output_dir": out_dir, "train.batch_size": 4, "train.max_steps": 2,
+        "optim.lr": 1e-3, "optim.warmup_ratio": 0.0, "eval.max_new_tokens": 8, "logging.tensorboard": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _run(model_dir, data_dir, out_dir, **extra) -> dict:
+    return sft.train(load_config(SFTConfig, None, _overrides(model_dir, data_dir, out_dir, **extra)))
+
+
+def _losses(out_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frozen", [True, False])
+def test_two_steps_move_trainable_params_and_keep_frozen_ones(tiny_model_dir, synth_dir, tmp_path, frozen):
+    _run(tiny_model_dir, synth_dir, tmp_path, **{"model.freeze_vision": frozen, "model.freeze_merger": frozen})
+    before, after = _weights(tiny_model_dir), _weights(tmp_path / "checkpoint-000002")
+    assert before.keys() == after.keys()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        if is_vision_tower(name) or is_projector(name):
+            if frozen:
+                assert same, f"{name} changed although frozen"
+            elif name.endswith("weight") and "norm" not in name:
+                assert not same, f"{name} did not change although trainable"
+        elif "norm" not in name:  # norms may legitimately see tiny/zero grads in 2 steps
+            assert not same, f"{name} did not change"
+    ckpt = tmp_path / "checkpoint-000002"
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt", "trainer_state.json", "config.yaml",
+              "tokenizer.json", "processor_config.json"):
+        assert (ckpt / f).is_file(), f
+    # the resolved config saved next to the checkpoint loads back to the one that ran
+    assert load_config(SFTConfig, ckpt / "config.yaml").train.max_steps == 2
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_loss_sequence(tiny_model_dir, synth_dir, tmp_path):
+    full = tmp_path / "full"
+    _run(tiny_model_dir, synth_dir, full, **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 5,
+                                             "train.grad_accum": 2, "data.eval": "null"})
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    os.symlink(full / "checkpoint-000002", resumed / "checkpoint-000002")
+    _run(tiny_model_dir, synth_dir, resumed, **{"train.max_steps": 4, "train.grad_accum": 2, "data.eval": "null"})
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import prism.sft.train as T
+    original = T.save_checkpoint
+    def save_checkpoint(output_dir, step, write, state, **kw):
+        if step == 4:  # die in the middle of writing the second checkpoint
+            def write_then_die(tmp):
+                write(tmp)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(output_dir, step, write_then_die, state, **kw)
+        return original(output_dir, step, write, state, **kw)
+    T.save_checkpoint = save_checkpoint
+    T.main(sys.argv[1:])
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_save_keeps_previous_checkpoint_and_resume_completes(tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _overrides(tiny_model_dir, synth_dir, out, **{"train.max_steps": 4, "train.save_every": 2,
+                                                          "data.eval": "null"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "checkpoint-000002" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-000004").exists()
+    assert (out / ".tmp-checkpoint-000004").exists()  # the interrupted write, never renamed into place
+    # resume=auto picks checkpoint 2, finishes, and cleans the stale temp dir
+    _run(tiny_model_dir, synth_dir, out, **{"train.max_steps": 4, "train.save_every": 2, "data.eval": "null"})
+    assert (out / "checkpoint-000004" / "trainer_state.json").is_file()
+    assert not (out / ".tmp-checkpoint-000004").exists()
+    straight = tmp_path / "straight"
+    _run(tiny_model_dir, synth_dir, straight, **{"train.max_steps": 4, "data.eval": "null"})
+    assert abs(_losses(out)[4] - _losses(straight)[4]) < 1e-6
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    real = sft.shifted_token_nll
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        nll, n = real(logits, labels)
+        return (nll * float("nan") if calls["n"] >= 3 else nll), n
+
+    monkeypatch.setattr(sft, "shifted_token_nll", poisoned)
+    with pytest.raises(sft.NonFiniteLossError, match="step 3.*last good checkpoint"):
+        _run(tiny_model_dir, synth_dir, tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "data.eval": "null"})
+    assert (tmp_path / "checkpoint-000002" / "trainer_state.json").is_file()
+    assert not (tmp_path / "checkpoint-000003").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = "from prism.cli import sft; import sys; sys.argv[0] = 'prism-sft'; sft()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=REPO)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_bad_inputs_end_with_one_line_naming_the_file_or_key(tiny_model_dir, synth_dir, tmp_path):
+    good = json.loads((synth_dir / "curated.jsonl").read_text().splitlines()[0])
+    image = str(synth_dir / good["images"][0])
+    no_assistant = _write_jsonl(tmp_path / "no_assistant.jsonl",
+                                [{"messages": good["messages"][:1], "images": [image]}])
+    extra_placeholder = _write_jsonl(tmp_path / "extra.jsonl", [{
+        "messages": [{"role": "user", "content": "<image><image>Q?"}, good["messages"][1]], "images": [image]}])
+    missing_image = _write_jsonl(tmp_path / "missing.jsonl", [{**good, "images": ["nope.png"]}])
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    corrupt = _write_jsonl(tmp_path / "corrupt.jsonl", [{**good, "images": ["corrupt.png"]}])
+    cases = {
+        "data.train=/does/not/exist.jsonl": "exist.jsonl",
+        f"data.train={no_assistant}": "no_assistant.jsonl:1",
+        f"data.train={extra_placeholder}": "extra.jsonl:1",
+        f"data.train={missing_image}": "missing.jsonl:1",
+        f"data.train={corrupt}": "corrupt.jsonl:1",
+        "optim.lrr=1": "optim.lrr",
+        "train.max_steps=-3": "train.max_steps",
+    }
+    for override, needle in cases.items():
+        args = _overrides(tiny_model_dir, synth_dir, tmp_path / "bad")
+        proc = _cli(*args, override)
+        assert proc.returncode == 2, (override, proc.stderr[-1500:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and needle in last, (override, last)
+        assert "Traceback" not in proc.stderr
+
+
+def test_micro_batch_indices_cover_each_epoch_once_and_shard_by_rank():
+    n, bs = 10, 2
+    one = [sft.micro_batch_indices(n, k, bs * 2, 1, 0, seed=3) for k in range(2)]
+    two = [[*sft.micro_batch_indices(n, k, bs, 2, 0, 3), *sft.micro_batch_indices(n, k, bs, 2, 1, 3)] for k in range(2)]
+    assert one == two  # 2 processes x 2 see exactly what 1 process x 4 sees
+    epoch = [i for k in range(5) for i in sft.micro_batch_indices(n, k, bs, 1, 0, 3)]
+    assert sorted(epoch) == list(range(n))
+    assert sft.micro_batch_indices(n, 5, bs, 1, 0, 3) != sft.micro_batch_indices(n, 0, bs, 1, 0, 3)  # reshuffled
+
+
+def test_config_errors_are_raised_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_stepz'"):
+        load_config(SFTConfig, None, ["train.max_stepz=3"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_model_dir, synth_dir, tmp_path):
+    """2 CPU processes x batch 2 == 1 process x batch 4 (same global batch, same data order)."""
+    one = tmp_path / "one"
+    _run(tiny_model_dir, synth_dir, one, **{"data.eval": "null"})
+    two = tmp_path / "two"
+    args = _overrides(tiny_model_dir, synth_dir, two, **{"train.batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "configs/accelerate/ddp_cpu.yaml"), "-m", "prism.sft.train", *args],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(b) == [1, 2]
+    for step in (1, 2):
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+    assert (two / "checkpoint-000002" / "rng_state_1.pt").is_file()  # every rank saved its RNG state

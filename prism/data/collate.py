@@ -69,7 +69,13 @@ def _expanded(text: str, spans: list[tuple[int, int]], pad: str, counts: list[in
     return [(shift(a), shift(b)) for a, b in spans]
 
 
-def _images(examples: Sequence[Example]) -> list:
+def _images(examples: Sequence[Example], prompt_only: bool = False) -> list:
+    """Decoded images of all examples, after checking each has one image per placeholder."""
+    for ex in examples:
+        messages = ex.prompt_messages if prompt_only else ex.messages
+        n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if n != len(ex.images):
+            raise DataError(f"{ex.source}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(ex.images)} image(s)")
     return [load_image(ref, ex.source) for ex in examples for ref in ex.images]
 
 
@@ -98,8 +104,8 @@ class SFTCollator:
         self.pad = processor.image_token
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        rendered = [render_with_spans(self.processor, ex) for ex in examples]
         images = _images(examples)
+        rendered = [render_with_spans(self.processor, ex) for ex in examples]
         self.processor.tokenizer.padding_side = "right"
         batch = self.processor(
             text=[t for t, _ in rendered], images=images or None, return_tensors="pt",
@@ -129,7 +135,8 @@ def encode_prompts(processor, examples: Sequence[Example]) -> dict[str, torch.Te
     texts = [render(processor, ex.prompt_messages, add_generation_prompt=True) for ex in examples]
     processor.tokenizer.padding_side = "left"
     try:
-        batch = processor(text=texts, images=_images(examples) or None, return_tensors="pt", padding=True)
+        batch = processor(text=texts, images=_images(examples, prompt_only=True) or None, return_tensors="pt",
+                          padding=True)
     finally:
         processor.tokenizer.padding_side = "right"
     return dict(batch)

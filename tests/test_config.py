@@ -1,0 +1,170 @@
+"""`load_config`: defaults < YAML file < dotted overrides, typed override values, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prism.config import ConfigError, LoraSettings, SFTConfig, load_config, parse_overrides, save_config
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, f"error must be one line: {message!r}"
+    return message
+
+
+# ---------------------------------------------------------------------------------- precedence
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.001\n  weight_decay: 0.05\ntrain:\n  max_steps: 7\n  batch_size: 3\n")
+    cfg = load_config(SFTConfig, path, ["optim.lr=2e-4", "train.batch_size=2"])
+
+    assert cfg.optim.lr == 2e-4  # override beats file
+    assert cfg.train.batch_size == 2  # override beats file
+    assert cfg.optim.weight_decay == 0.05  # file beats default (0.0), same section as an override
+    assert cfg.train.max_steps == 7  # file beats default (100)
+    assert cfg.optim.eps == 1e-8 and cfg.train.grad_accum == 1  # untouched defaults
+    assert cfg.data.eval == "data/demo/test.jsonl"
+
+
+def test_no_file_and_no_overrides_gives_the_defaults():
+    assert load_config(SFTConfig) == SFTConfig()
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    assert load_config(SFTConfig, write(tmp_path, "")) == SFTConfig()
+
+
+def test_overrides_without_a_file(tmp_path):
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl", "model.lora.enabled=true", "model.lora.r=4"])
+    assert cfg.data.train == "x.jsonl"
+    assert cfg.model.lora == LoraSettings(enabled=True, r=4)
+
+
+def test_override_values_are_typed():
+    cfg = load_config(SFTConfig, None, ["optim.lr=2e-4", "data.eval=null", "train.max_steps=5",
+                                        "optim.betas=[0.8, 0.95]", "optim.max_grad_norm=null"])
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == 2e-4
+    assert cfg.data.eval is None
+    assert type(cfg.train.max_steps) is int and cfg.train.max_steps == 5
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.optim.max_grad_norm is None
+
+
+def test_parse_overrides_builds_a_nested_tree():
+    # YAML scalars: ints and null are typed here, "2e-4" stays a string (YAML 1.1 wants a dot)
+    # and is turned into a float by the config's validation, checked above.
+    tree = parse_overrides(["optim.lr=2e-4", "train.max_steps=5", "data.eval=null", "model.lora.r=8", "data.train=a=b"])
+    assert tree == {
+        "optim": {"lr": "2e-4"},
+        "train": {"max_steps": 5},
+        "data": {"eval": None, "train": "a=b"},  # only the first '=' splits
+        "model": {"lora": {"r": 8}},
+    }
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_in_file_names_file_and_dotted_key(tmp_path):
+    message = error_of(write(tmp_path, "optim: {lrr: 1}\n"))
+    assert "optim.lrr" in message and "run.yaml" in message
+
+
+def test_unknown_section_in_file(tmp_path):
+    message = error_of(write(tmp_path, "optimizer: {lr: 1}\n"))
+    assert "'optimizer'" in message and "run.yaml" in message
+
+
+def test_unknown_key_in_override_names_it(tmp_path):
+    message = error_of(write(tmp_path, ""), ["optim.lrr=1"])
+    assert "optim.lrr" in message and "run.yaml" in message and "overrides" in message
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("optim.lr=abc", "optim.lr", "'abc'"),  # wrong type
+    ("optim.lr=-1", "optim.lr", "greater than 0"),
+    ("optim.warmup_ratio=2", "optim.warmup_ratio", "less than or equal to 1"),
+    ("train.max_steps=0", "train.max_steps", "greater than 0"),
+    ("train.max_steps=2.5", "train.max_steps", "integer"),
+    ("model.dtype=fp8", "model.dtype", "'fp8'"),  # not one of the allowed values
+])
+def test_bad_override_values_name_the_key(tmp_path, override, key, hint):
+    message = error_of(write(tmp_path, ""), [override])
+    assert f"{key}:" in message and hint in message and "run.yaml" in message
+
+
+def test_bad_value_in_file_names_file_and_key(tmp_path):
+    message = error_of(write(tmp_path, "optim:\n  warmup_ratio: 2\n"))
+    assert message.startswith(f"{tmp_path / 'run.yaml'}:") and "optim.warmup_ratio" in message
+
+
+def test_missing_file(tmp_path):
+    message = error_of(tmp_path / "absent.yaml")
+    assert "absent.yaml" in message and "not found" in message
+
+
+def test_invalid_yaml_points_at_file_and_line(tmp_path):
+    # Line 3 maps a value inside a plain scalar, which YAML forbids.
+    path = write(tmp_path, "model:\n  dtype: auto\n  path: a: b\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:3:") and "invalid YAML" in message
+
+
+def test_top_level_list_is_rejected(tmp_path):
+    message = error_of(write(tmp_path, "- optim\n- train\n"))
+    assert "run.yaml" in message and "mapping" in message
+
+
+def test_section_given_as_scalar_is_rejected(tmp_path):
+    message = error_of(write(tmp_path, "optim: 3\n"))
+    assert "run.yaml" in message and "optim:" in message
+
+
+@pytest.mark.parametrize("item", ["optim.lr", "=3"])
+def test_override_without_key_value_form(item):
+    message = error_of(None, [item])
+    assert f"'{item}'" in message and "key=value" in message
+
+
+def test_override_into_a_scalar_value_is_rejected():
+    message = error_of(None, ["optim.lr.x=3"])
+    assert "optim.lr" in message
+
+
+def test_assignment_is_validated_too():
+    cfg = SFTConfig()
+    with pytest.raises(ValueError):
+        cfg.optim.lr = -1.0
+
+
+# ---------------------------------------------------------------------------------- save/load
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, None, [
+        "optim.lr=3e-4", "optim.betas=[0.8, 0.9]", "data.eval=null", "train.max_steps=9",
+        "model.lora.enabled=true", "model.lora.target_modules=[q_proj, v_proj]", "logging.run_name=demo",
+    ])
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, path)
+    again = load_config(SFTConfig, path)
+    assert again == cfg
+    assert again.optim.betas == (0.8, 0.9) and again.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert again.data.eval is None
+
+
+def test_number_like_override_of_a_text_field_stays_text():
+    cfg = load_config(SFTConfig, None, ["logging.run_name=123", "model.path=2024"])
+    assert cfg.logging.run_name == "123" and cfg.model.path == "2024"

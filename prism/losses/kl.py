@@ -1,0 +1,48 @@
+"""Per-token KL estimators between the policy and a reference (Schulman, "Approximating KL
+Divergence", 2020). With samples y ~ π and log-ratio x = log π_ref(y) − log π(y):
+
+    k1 = −x                   unbiased, high variance, can be negative
+    k2 = x² / 2               biased, low variance, ≥ 0
+    k3 = eˣ − x − 1           unbiased, low variance, ≥ 0   (DESIGN §5: the default)
+
+All take log_probs and ref_log_probs of shape [N, T] and return [N, T]; aggregate with
+`prism.losses.aggregate.aggregate_loss` under the response mask.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# exp() of a log-ratio beyond this overflows float32 long before it is informative.
+_MAX_LOG_RATIO = 20.0
+
+
+def _log_ratio(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    return (ref_log_probs - log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+
+
+def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    return -_log_ratio(log_probs, ref_log_probs)
+
+
+def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    return 0.5 * _log_ratio(log_probs, ref_log_probs) ** 2
+
+
+def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    x = _log_ratio(log_probs, ref_log_probs)
+    return torch.exp(x) - x - 1
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": kl_k1, "k2": kl_k2, "k3": kl_k3,
+}
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """[N, T] per-token KL estimate by name (k1 | k2 | k3)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose from {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](log_probs, ref_log_probs)

@@ -1,0 +1,178 @@
+"""Policy losses, aggregation, advantages and KL estimators against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prism.losses.advantages import all_equal_groups, group_advantages, group_normalize
+from prism.losses.aggregate import aggregate_loss
+from prism.losses.kl import kl_k1, kl_k2, kl_k3, kl_penalty
+from prism.losses.policy import ALGORITHMS, compute_policy_loss
+
+L = math.log
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------ GRPO / DAPO
+
+
+def test_grpo_clips_above_for_positive_advantage():
+    # ratios 1.5, 0.5 on two valid tokens (third is padding); A = +1, ε = 0.2.
+    # token 1: min(1.5, clip(1.5)=1.2) = 1.2 -> loss −1.2 (clipped); token 2: min(0.5, 0.8) = 0.5 -> −0.5.
+    # seq-mean-token-mean over one sequence: (−1.2 − 0.5) / 2 = −0.85.
+    lp, old, mask = t([[L(1.5), L(0.5), 7.0]]), t([[0.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0]])
+    loss, m = compute_policy_loss("grpo", lp, old, t([1.0]), mask)
+    assert loss.item() == pytest.approx(-0.85)
+    assert m["clip_frac"] == pytest.approx(0.5) and m["clip_frac_high"] == pytest.approx(0.5)
+    assert m["clip_frac_low"] == 0
+    assert m["ratio_mean"] == pytest.approx(1.0)  # (1.5 + 0.5) / 2; padding ignored
+    assert m["approx_kl"] == pytest.approx(-(L(1.5) + L(0.5)) / 2)
+
+
+def test_grpo_clips_below_for_negative_advantage():
+    # A = −1: token 1: −min(−1.5, −1.2) = 1.5 (unclipped); token 2: −min(−0.5, −0.8) = 0.8 (clipped at 0.8).
+    lp, old, mask = t([[L(1.5), L(0.5)]]), t([[0.0, 0.0]]), torch.tensor([[1, 1]])
+    loss, m = compute_policy_loss("grpo", lp, old, t([-1.0]), mask)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    assert m["clip_frac"] == pytest.approx(0.5) and m["clip_frac_low"] == pytest.approx(0.5)
+
+
+def test_dapo_clip_higher_and_token_mean():
+    # Sequence 1: ratios 1.5, 1.0, A = +1 -> per token −1.28 (clip-higher ε_hi = 0.28), −1.0.
+    # Sequence 2: ratio 0.5 (one token), A = −1 -> −min(−0.5, −0.8) = 0.8.
+    lp = t([[L(1.5), 0.0], [L(0.5), 0.0]])
+    old = torch.zeros_like(lp)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = t([1.0, -1.0])
+    loss, _ = compute_policy_loss("dapo", lp, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.28 - 1.0 + 0.8) / 3)  # token-mean over the 3 valid tokens
+    # the same batch under GRPO's defaults: ε_hi 0.2, seq-mean-token-mean
+    loss, _ = compute_policy_loss("grpo", lp, old, adv, mask)
+    assert loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + 0.8) / 2)
+    # overrides win over the algorithm's defaults
+    loss, _ = compute_policy_loss("grpo", lp, old, adv, mask, clip_high=0.28, loss_agg="token-mean")
+    assert loss.item() == pytest.approx((-1.28 - 1.0 + 0.8) / 3)
+
+
+def test_aggregation_modes_by_hand():
+    loss = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    # micro-batches with the batch's totals sum to the whole-batch value
+    for mode, kw in (("token-mean", {"num_tokens": 4}), ("seq-mean-token-mean", {"num_seqs": 2})):
+        parts = sum(aggregate_loss(loss[i:i + 1], mask[i:i + 1], mode, **kw) for i in range(2))
+        assert parts.item() == pytest.approx(aggregate_loss(loss, mask, mode).item())
+    # a sequence without valid tokens contributes 0, never NaN
+    assert aggregate_loss(loss, torch.zeros_like(mask), "seq-mean-token-mean").item() == 0
+    with pytest.raises(ValueError, match="unknown loss_agg"):
+        aggregate_loss(loss, mask, "mean")
+
+
+def test_defaults_per_algorithm():
+    assert (ALGORITHMS["grpo"].clip_low, ALGORITHMS["grpo"].clip_high) == (0.2, 0.2)
+    assert (ALGORITHMS["dapo"].clip_low, ALGORITHMS["dapo"].clip_high) == (0.2, 0.28)
+    assert (ALGORITHMS["gspo"].clip_low, ALGORITHMS["gspo"].clip_high) == (3e-4, 4e-4)
+    assert ALGORITHMS["dapo"].loss_agg == "token-mean"
+    assert ALGORITHMS["grpo"].loss_agg == ALGORITHMS["gspo"].loss_agg == "seq-mean-token-mean"
+
+
+def test_bad_arguments_are_named():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="unknown algorithm 'ppo'.*grpo"):
+        compute_policy_loss("ppo", x, x, torch.zeros(2), x)
+    with pytest.raises(ValueError, match="advantages must be"):
+        compute_policy_loss("grpo", x, x, torch.zeros(2, 3), x)
+
+
+# ------------------------------------------------------------------------------------ GSPO
+
+
+def test_gspo_sequence_ratio_value_and_clipping():
+    # seq 1: token log-ratios 0.1, 0.3 -> s = exp(0.2); seq 2: 0.0001, 0.0001 -> s = exp(1e-4) (inside 1 ± 4e-4)
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    lp = t([[0.1, 0.3], [1e-4, 1e-4]])
+    mask = torch.ones(2, 2)
+    loss, m = compute_policy_loss("gspo", lp, old, t([1.0, 1.0]), mask)
+    s2 = math.exp(1e-4)
+    # seq 1 clipped at 1 + 4e-4, seq 2 not; every token of a sequence carries its sequence's value
+    assert loss.item() == pytest.approx((-(1 + 4e-4) - s2) / 2)
+    assert m["clip_frac"] == pytest.approx(0.5)
+
+
+def test_gspo_gradient_is_the_sequence_level_gradient():
+    """∇_logp_t of the GSPO loss = −A_i · s_i / |y_i| / N on every valid token (unclipped)."""
+    torch.manual_seed(0)
+    N, T = 3, 5
+    old = torch.randn(N, T, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    lp = (old + 1e-5 * torch.randn(N, T, dtype=torch.float64)).requires_grad_()
+    adv = t([0.7, -1.3, 2.0])
+    loss, m = compute_policy_loss("gspo", lp, old, adv, mask)
+    assert m["clip_frac"] == 0
+    loss.backward()
+    lengths = mask.sum(-1).double()
+    s = torch.exp(((lp.detach() - old) * mask).sum(-1) / lengths)
+    expected = (-adv * s / lengths / N).unsqueeze(-1) * mask
+    torch.testing.assert_close(lp.grad, expected)
+
+
+def test_gspo_clipped_sequence_has_no_gradient():
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    lp = t([[0.5, 0.5]]).requires_grad_()
+    loss, _ = compute_policy_loss("gspo", lp, old, t([1.0]), torch.ones(1, 2))
+    loss.backward()
+    assert torch.all(lp.grad == 0)
+
+
+# ------------------------------------------------------------------------------------ advantages, KL
+
+
+def _loop_reference(rewards: list[float], G: int, eps: float = 1e-6) -> list[float]:
+    out = []
+    for g in range(0, len(rewards), G):
+        grp = rewards[g:g + G]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (G - 1))
+        out += [(r - mean) / (std + eps) for r in grp]
+    return out
+
+
+def test_group_advantages_match_a_loop_reference():
+    torch.manual_seed(1)
+    rewards = torch.rand(6 * 4, dtype=torch.float64)
+    rewards[4:8] = 0.5  # a group with all-equal rewards
+    adv = group_advantages(rewards, 4)
+    torch.testing.assert_close(adv, torch.tensor(_loop_reference(rewards.tolist(), 4), dtype=torch.float64))
+    assert torch.all(adv[4:8] == 0)
+    # by hand: [1, 0] -> mean 0.5, unbiased std 0.7071 -> ±0.7071
+    assert group_advantages(t([1.0, 0.0]), 2).tolist() == pytest.approx([0.5 / (0.5 ** 0.5 + 1e-6), -0.5 / (0.5 ** 0.5 + 1e-6)])
+    assert group_advantages(t([1.0, 0.0]), 2, scale_by_std=False).tolist() == [0.5, -0.5]
+    assert torch.all(group_normalize(t([3.0, 1.0]), 1) == 0)  # a group of one gets 0
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(t([1.0, 2.0, 3.0]), 2)
+
+
+def test_all_equal_groups():
+    r = t([1, 1, 1, 0, 1, 0.5, 0, 0, 0])
+    assert all_equal_groups(r, 3).tolist() == [True, False, True]
+
+
+def test_kl_estimators():
+    lp = t([[-1.0, -2.0]])
+    assert torch.all(kl_k3(lp, lp) == 0) and torch.all(kl_k1(lp, lp) == 0) and torch.all(kl_k2(lp, lp) == 0)
+    ref = t([[-1.5, -1.0]])  # x = ref − logp = −0.5, 1.0
+    torch.testing.assert_close(kl_k1(lp, ref), t([[0.5, -1.0]]))
+    torch.testing.assert_close(kl_k2(lp, ref), t([[0.125, 0.5]]))
+    torch.testing.assert_close(kl_k3(lp, ref), t([[math.exp(-0.5) + 0.5 - 1, math.e - 2]]))
+    assert torch.all(kl_k3(lp, ref) >= 0)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), kl_k2(lp, ref))
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(lp, ref, "k4")

@@ -142,6 +142,15 @@ def encode_prompts(processor, examples: Sequence[Example]) -> dict[str, torch.Te
     return dict(batch)
 
 
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens (0 on padding), for inputs without images.
+
+    With images the Qwen-VL models derive their multimodal rotary positions from the attention
+    mask themselves; without, they would number every slot 0..T-1 and shift left-padded rows.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def token_length(processor, ex: Example) -> int:
     """Tokens of the full conversation (image tokens included), without running the processor."""
     text = render(processor, ex.messages)

@@ -1,5 +1,6 @@
-"""The rollout engine: the only code in prism that samples."""
+"""The rollout engine: the only code that samples, and the one log-prob function."""
 
-from prism.rollout.engine import SamplingParams, generate
+from prism.rollout.engine import HFBackend, RolloutBackend, Rollouts, SamplingParams, generate, sample
+from prism.rollout.logprobs import token_log_probs
 
-__all__ = ["SamplingParams", "generate"]
+__all__ = ["HFBackend", "RolloutBackend", "Rollouts", "SamplingParams", "generate", "sample", "token_log_probs"]

@@ -1,0 +1,106 @@
+"""The rollout engine and the shared log-prob function on the tiny Qwen3-VL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, LogitsProcessor
+
+from prism.data.example import Example
+from prism.data.synthetic import render_scene
+from prism.rollout import HFBackend, Rollouts, SamplingParams, generate, sample, token_log_probs
+
+SCENES = [[["red", "blue"], ["blue", "green"]], [["yellow", "red", "red"], ["blue", "blue", "green"], ["red"] * 3]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+
+
+def _examples(text_only: bool = False) -> list[Example]:
+    questions = ["How many red cells are there?", "Which colour appears most often in this picture?"]
+    if text_only:
+        return [Example(messages=[{"role": "user", "content": q}]) for q in questions]
+    return [Example(messages=[{"role": "user", "content": "<image>" + q}], images=[render_scene(s)])
+            for q, s in zip(questions, SCENES)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("text_only", [False, True])
+def test_sampling_log_probs_match_the_teacher_forced_forward(model, tiny_processor, temperature, text_only):
+    torch.manual_seed(0)
+    # chunk_size 4 splits the 6 rows into chunks with different prompt lengths, re-padded on concat
+    r = sample(model, tiny_processor, _examples(text_only), SamplingParams(n=3, temperature=temperature,
+                                                                          max_new_tokens=12), chunk_size=4)
+    assert len(r) == 6 and r.response_ids.shape == r.log_probs.shape == r.response_mask.shape
+    with torch.no_grad():
+        lp, ent = token_log_probs(model, r, temperature, chunk_size=4, with_entropy=True)
+    assert (lp - r.log_probs).abs().max() < 1e-4
+    assert torch.all(ent[r.response_mask] > 0) and torch.all(ent[~r.response_mask] == 0)
+
+
+def test_rows_of_a_prompt_are_contiguous_and_selection_keeps_them(model, tiny_processor):
+    torch.manual_seed(0)
+    r = sample(model, tiny_processor, _examples(), SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
+    assert r.group_size == 2 and r.images_per_row.tolist() == [1, 1, 1, 1]
+    grid = r.prompt["image_grid_thw"]
+    assert grid[0].tolist() == grid[1].tolist() and grid[2].tolist() == grid[3].tolist() != grid[0].tolist()
+    part = r.select([3, 0])
+    assert part.prompt["image_grid_thw"].tolist() == [grid[3].tolist(), grid[0].tolist()]
+    assert part.texts == [r.texts[3], r.texts[0]]
+    with torch.no_grad():
+        full, _ = token_log_probs(model, r)
+        sub, _ = token_log_probs(model, part)
+    T = part.response_ids.shape[1]
+    torch.testing.assert_close(sub, full[[3, 0], :T], atol=1e-5, rtol=0)
+    both = Rollouts.concat([r.select([0, 1]), r.select([2, 3])])
+    assert torch.equal(both.response_ids, r.response_ids) and both.texts == r.texts
+
+
+class _ForceEOS(LogitsProcessor):
+    """Row 0 emits EOS at its 3rd token; every other row never does."""
+
+    def __init__(self, eos: int, prompt_len: int):
+        self.eos, self.prompt_len = eos, prompt_len
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eos] = -float("inf")
+        if input_ids.shape[1] - self.prompt_len == 2:
+            scores[0] = -float("inf")
+            scores[0, self.eos] = 0.0
+        return scores
+
+
+def test_response_mask_ends_at_eos_and_finish_reasons(model, tiny_processor, monkeypatch):
+    eos = tiny_processor.tokenizer.eos_token_id
+    original = model.generate
+
+    def generate_with_forced_eos(**kw):
+        kw["logits_processor"].insert(0, _ForceEOS(eos, kw["input_ids"].shape[1]))
+        return original(**kw)
+
+    monkeypatch.setattr(model, "generate", generate_with_forced_eos)
+    r = HFBackend(model, tiny_processor).generate(_examples(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8))
+    assert r.finish_reasons == ["stop", "length", "length", "length"]
+    assert r.response_mask[0].tolist() == [True] * 3 + [False] * 5  # EOS itself is a trained token
+    assert r.response_ids[0, 2] == eos and torch.all(r.response_mask[1:])
+    assert torch.all(r.log_probs[0, 3:] == 0)
+    assert r.response_lengths.tolist() == [3, 8, 8, 8]
+
+
+def test_batched_greedy_equals_one_at_a_time(model, tiny_processor):
+    """Left padding must not change what a prompt generates."""
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    examples = _examples()
+    batched = generate(model, tiny_processor, examples, params)
+    single = [generate(model, tiny_processor, [ex], params)[0] for ex in examples]
+    assert batched == single
+
+
+def test_bad_sampling_parameters_are_rejected():
+    with pytest.raises(ValueError, match="invalid sampling parameters"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match="invalid sampling parameters"):
+        SamplingParams(top_p=0.0)

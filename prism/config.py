@@ -83,14 +83,12 @@ class OptimSettings(Section):
     """Clip the global gradient norm to this value (null: no clipping)."""
 
 
-class TrainSettings(Section):
+class RunSettings(Section):
+    """What every stage's run has: where it writes, how long it runs, how it saves and resumes."""
+
     output_dir: str = "runs/sft"
     max_steps: int = Field(100, gt=0)
     """Optimizer steps to run."""
-    batch_size: int = Field(8, gt=0)
-    """Micro-batch size per process."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)."""
     seed: int = 0
     save_every: int = Field(0, ge=0)
     """Save a checkpoint every this many steps (0: only at the end)."""
@@ -101,6 +99,19 @@ class TrainSettings(Section):
     log_every: int = Field(1, gt=0)
     cpu: bool = False
     """Force CPU even when a GPU is visible."""
+
+
+class TrainSettings(RunSettings):
+    batch_size: int = Field(8, gt=0)
+    """Micro-batch size per process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)."""
+
+
+class RLTrainSettings(RunSettings):
+    output_dir: str = "runs/rl"
+    batch_size: int = Field(4, gt=0)
+    """Prompts per process per step; each is sampled rollout.group_size times."""
 
 
 class EvalSettings(Section):
@@ -128,6 +139,140 @@ class SFTConfig(Section):
     logging: LoggingSettings = LoggingSettings()
 
 
+class RolloutSettings(Section):
+    group_size: int = Field(8, gt=0)
+    """Samples per prompt (G); advantages are normalised within each group."""
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (0: greedy). Log-probs for the loss use the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """0 disables top-k."""
+    chunk_size: int = Field(64, gt=0)
+    """Sequences per `generate` call (bounds generation memory)."""
+    logprob_chunk_size: int = Field(32, gt=0)
+    """Sequences per forward when computing old / reference log-probs without gradients."""
+
+
+class AlgoSettings(Section):
+    """The clipped policy update shared by ALIGN and RL (prism.losses.policy, DESIGN §5)."""
+
+    name: Literal["grpo", "dapo", "gspo"] = "grpo"
+    """Policy loss; `prism-rl --algo` sets it."""
+    clip_low: float | None = Field(None, ge=0, lt=1)
+    """ε_lo (null: the algorithm's default: 0.2, 0.2, 3e-4 for grpo, dapo, gspo)."""
+    clip_high: float | None = Field(None, ge=0)
+    """ε_hi (null: the algorithm's default: 0.2, 0.28, 4e-4)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] | None = None
+    """Loss aggregation (null: the algorithm's default: seq-mean-token-mean, token-mean, seq-mean-token-mean)."""
+    ppo_epochs: int = Field(1, gt=0)
+    """Passes over each rollout batch."""
+    mini_batches: int = Field(1, gt=0)
+    """Optimizer steps per pass (the rollout batch is split by prompt groups)."""
+    micro_batch_size: int = Field(16, gt=0)
+    """Sequences per forward/backward (gradient accumulation inside a mini-batch)."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group std (GRPO); false: only centre them (Dr. GRPO)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """β of a KL(π‖π_ref) term in the loss; 0 (default) loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    dynamic_sampling: bool | None = None
+    """Drop groups whose rewards are all equal and sample more (DAPO); null: on for dapo only."""
+    max_num_gen_batches: int = Field(4, gt=0)
+    """Generation rounds per step under dynamic sampling before giving up."""
+    overlong_buffer: int | None = Field(None, ge=0)
+    """L_buf of DAPO's overlong shaping; null: max_new_tokens // 4 for dapo, off otherwise; 0: off."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """Penalty factor of the overlong shaping."""
+
+
+class RewardSettings(Section):
+    functions: dict[str, float] = {"accuracy": 0.8, "format": 0.2}
+    """Reward = Σ weight · function; names from prism.rewards or `module.path:function`."""
+
+
+class RLConfig(Section):
+    """`prism-rl`: RLVR with GRPO, DAPO or GSPO and verifiable rewards (DESIGN §5)."""
+
+    model: ModelSettings = ModelSettings(path="runs/sft-demo/checkpoint-000600")
+    data: DataSettings = DataSettings(train="data/demo/rl.jsonl", max_length=512, eval_limit=256)
+    rollout: RolloutSettings = RolloutSettings()
+    algo: AlgoSettings = AlgoSettings()
+    reward: RewardSettings = RewardSettings()
+    optim: OptimSettings = OptimSettings(lr=1e-6, warmup_ratio=0.0, scheduler="constant")
+    train: RLTrainSettings = RLTrainSettings()
+    eval: EvalSettings = EvalSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+class DiscriminatorSettings(Section):
+    """The MoE discriminator (prism.align.MoEDiscriminator, DESIGN §4)."""
+
+    path: str = "runs/tiny-model"
+    """A Qwen-VL directory to build fresh experts on (the SFT policy, the base or a smaller model), or a saved
+    discriminator (e.g. OUTPUT_DIR/warmup)."""
+    experts: Literal["adapters", "upcycled"] = "adapters"
+    """adapters: shared frozen backbone + one LoRA adapter and head per expert; upcycled: a Qwen3-VL-MoE
+    backbone (`prism-align upcycle`) trained in full, one head per component."""
+    dense: bool = False
+    """Ablation: one shared scorer for caption and think (no experts)."""
+    text_only: bool = False
+    """Ablation: the discriminator never sees the image."""
+    score_clip: float = Field(10.0, gt=0)
+    reg: float = Field(1e-3, ge=0)
+    """λ_reg of the score-magnitude term in the discriminator loss."""
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    aux_loss_coef: float = Field(0.01, ge=0)
+    """Weight of the router load-balancing loss (upcycled)."""
+    lr: float = Field(1e-4, gt=0)
+    """The discriminator's own learning rate (AdamW, constant)."""
+    steps_per_policy_step: int = Field(1, gt=0)
+    """Discriminator updates on each batch of rollouts."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Prompts per discriminator forward (each with its G rollouts and its reference)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class AlignSettings(Section):
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the perception expert in the advantage (1: perception only, 0: reasoning only)."""
+    format_penalty: float = Field(1.5, ge=0)
+    """Subtracted from the advantage of format-invalid rollouts."""
+    skip_missing_references: bool = False
+    """Skip alignment prompts without a teacher reference (with a count) instead of stopping."""
+
+
+class WarmupSettings(Section):
+    """Discriminator warm-start before the game: each expert on (teacher reference, negative) pairs."""
+
+    steps: int = Field(50, ge=0)
+    """Warm-start optimizer steps (0: none)."""
+    batch_size: int = Field(16, gt=0)
+    """Pairs per step."""
+    negatives: Literal["policy", "corrupt"] = "policy"
+    """policy: a sample of the starting policy for the same prompt; corrupt: the reference with one caption
+    cell and one reasoning step changed."""
+    eval_pairs: int = Field(32, ge=0)
+    """Prompts held out to report pairwise accuracy per expert."""
+
+
+class AlignConfig(Section):
+    """`prism-align`: the minimax game between the policy and the MoE discriminator (DESIGN §4)."""
+
+    model: ModelSettings = ModelSettings(path="runs/sft-public/checkpoint-001200")
+    data: DataSettings = DataSettings(train="data/demo/align.jsonl", max_length=512, eval_limit=128)
+    rollout: RolloutSettings = RolloutSettings()
+    algo: AlgoSettings = AlgoSettings()
+    discriminator: DiscriminatorSettings = DiscriminatorSettings()
+    align: AlignSettings = AlignSettings()
+    warmup: WarmupSettings = WarmupSettings()
+    optim: OptimSettings = OptimSettings(lr=1e-6, warmup_ratio=0.0, scheduler="constant")
+    train: RLTrainSettings = RLTrainSettings(output_dir="runs/align")
+    eval: EvalSettings = EvalSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -146,6 +291,20 @@ def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _onto_defaults(cls: type[BaseModel], defaults: dict, update: dict) -> dict:
+    """`update` merged onto a config's dumped defaults: sections recurse, every other value
+    (a dict-valued field such as `reward.functions` included) is replaced whole."""
+    out = dict(defaults)
+    for k, v in update.items():
+        field = cls.model_fields.get(k)
+        sub = field.annotation if field is not None else None
+        if isinstance(sub, type) and issubclass(sub, Section) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _onto_defaults(sub, out[k], v)
+        else:
+            out[k] = v
     return out
 
 
@@ -194,6 +353,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         origin = f"{origin} + overrides" if path else "overrides"
+    # Merge onto the stage's own defaults (not the section classes'), so that overriding one key of
+    # a section whose defaults differ per stage (RL's lr 1e-6, say) keeps that stage's other defaults.
+    data = _onto_defaults(cls, cls().model_dump(), data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:

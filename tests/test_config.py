@@ -168,3 +168,14 @@ def test_save_then_load_round_trips(tmp_path):
 def test_number_like_override_of_a_text_field_stays_text():
     cfg = load_config(SFTConfig, None, ["logging.run_name=123", "model.path=2024"])
     assert cfg.logging.run_name == "123" and cfg.model.path == "2024"
+
+
+def test_overriding_one_key_keeps_the_stage_defaults_of_its_section():
+    from prism.config import RLConfig
+
+    cfg = load_config(RLConfig, None, ["optim.lr=1e-3", 'reward.functions={"format": 1.0}'])
+    # RL's optimiser defaults (constant schedule, no warm-up) survive an override of the lr ...
+    assert cfg.optim.lr == 1e-3 and cfg.optim.scheduler == "constant" and cfg.optim.warmup_ratio == 0.0
+    # ... while a dict-valued field is replaced whole, not merged with its default
+    assert cfg.reward.functions == {"format": 1.0}
+    assert load_config(RLConfig).optim.lr == 1e-6 and load_config(SFTConfig).optim.lr == 1e-5

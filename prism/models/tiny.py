@@ -125,9 +125,9 @@ def build_image_processor() -> Qwen2VLImageProcessorPil:
     )
 
 
-def tiny_config(tokenizer, moe: bool = False, hidden: int = 128, layers: int = 4, experts: int = 4):
+def tiny_config(tokenizer, moe: bool = False, hidden: int = 128, layers: int = 4, experts: int = 4,
+                head_dim: int = 32):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = 32
     text = dict(
         # Round the vocabulary up to a multiple of 64 (tensor-core friendly; ids beyond are unused).
         vocab_size=(len(tokenizer) + 63) // 64 * 64,
@@ -138,9 +138,10 @@ def tiny_config(tokenizer, moe: bool = False, hidden: int = 128, layers: int = 4
         num_key_value_heads=max(1, hidden // head_dim // 2),  # GQA, as in every Qwen3 model
         head_dim=head_dim,
         max_position_embeddings=4096,
-        # Multimodal rotary: the (temporal, height, width) sections must sum to head_dim / 2 = 16.
+        # Multimodal rotary: the (temporal, height, width) sections must sum to head_dim / 2
+        # (16 = 8 + 4 + 4 for head_dim 32), temporal taking half as in Qwen3-VL's [24, 20, 20] of 64.
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": [8, 4, 4], "mrope_interleaved": True},
+                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8], "mrope_interleaved": True},
         pad_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
     )
@@ -168,14 +169,14 @@ def tiny_config(tokenizer, moe: bool = False, hidden: int = 128, layers: int = 4
 
 
 def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, hidden: int = 128, layers: int = 4,
-               experts: int = 4) -> Path:
+               experts: int = 4, head_dim: int = 32) -> Path:
     """Build and save a tiny random Qwen3-VL(-MoE) with its tokenizer and processor."""
     from transformers import Qwen3VLProcessor
 
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(seed=seed)
-    config = tiny_config(tokenizer, moe=moe, hidden=hidden, layers=layers, experts=experts)
+    config = tiny_config(tokenizer, moe=moe, hidden=hidden, layers=layers, experts=experts, head_dim=head_dim)
     if moe:
         from transformers import Qwen3VLMoeForConditionalGeneration as cls
     else:
@@ -197,12 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--moe", action="store_true", help="Qwen3-VL-MoE with a few experts")
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128, help="language-model width (multiple of 32)")
+    p.add_argument("--hidden", type=int, default=128, help="language-model width")
     p.add_argument("--layers", type=int, default=4, help="language-model layers")
+    p.add_argument("--head-dim", type=int, default=32, help="attention head width (multiple of 8)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.hidden % 64 or a.hidden <= 0:
-        p.error("--hidden must be a positive multiple of 64 (head_dim 32, at least 2 heads for GQA)")
-    out = build_tiny(a.out, moe=a.moe, seed=a.seed, hidden=a.hidden, layers=a.layers, experts=a.experts)
+    if a.head_dim % 8 or a.head_dim <= 0:
+        p.error("--head-dim must be a positive multiple of 8 (the rotary sections split head_dim / 2 as 2:1:1)")
+    if a.hidden <= 0 or a.hidden % (2 * a.head_dim):
+        p.error("--hidden must be a positive multiple of 2 x --head-dim (at least 2 heads for GQA)")
+    out = build_tiny(a.out, moe=a.moe, seed=a.seed, hidden=a.hidden, layers=a.layers, experts=a.experts,
+                     head_dim=a.head_dim)
     n = sum(p.numel() for p in Qwen3VLForConditionalGeneration.from_pretrained(out).parameters()) if not a.moe else None
     print(f"tiny {'Qwen3-VL-MoE' if a.moe else 'Qwen3-VL'} written to {out}" + (f" ({n / 1e6:.2f}M parameters)" if n else ""))

@@ -18,36 +18,28 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import argparse
-import copy
-from contextlib import nullcontext
 import logging
 import math
 import time
-from pathlib import Path
+from contextlib import nullcontext
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prism.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
-from prism.config import SFTConfig, load_config, save_config
+from prism.checkpoint import resolve_resume
+from prism.config import SFTConfig, load_config
 from prism.data.collate import SFTCollator, token_length
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
-from prism.eval.metrics import score_responses
+from prism.loop import (NonFiniteLossError, check_finite, evaluate_policy, micro_batch_indices,  # noqa: F401
+                        restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
-from prism.rollout.engine import SamplingParams, generate
 from prism.tracking import Tracker
 
 log = logging.getLogger("prism.sft")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def load_train_data(cfg: SFTConfig, processor) -> list[Example]:
@@ -61,62 +53,10 @@ def load_train_data(cfg: SFTConfig, processor) -> list[Example]:
     return kept
 
 
-def micro_batch_indices(n: int, k: int, batch_size: int, world: int, rank: int, seed: int) -> list[int]:
-    """Example indices of global micro-batch `k` (0-based, counted over the run) on `rank`.
-
-    Epoch e is the permutation seeded by seed + e; a global micro-batch is `batch_size * world`
-    consecutive entries of it (an incomplete tail is dropped), and each rank takes its slice.
-    """
-    per_epoch = n // (batch_size * world)
-    epoch, j = divmod(k, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    start = (j * world + rank) * batch_size
-    return perm[start: start + batch_size].tolist()
-
-
-def evaluate(cfg: SFTConfig, accelerator: Accelerator, model, processor, examples: list[Example]) -> dict:
-    """Greedy generation on the held-out split, sharded over processes; answer/format/caption metrics."""
-    params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
-    with accelerator.split_between_processes(list(range(len(examples)))) as mine:
-        texts = generate(accelerator.unwrap_model(model), processor, [examples[i] for i in mine], params,
-                         batch_size=cfg.eval.batch_size)
-    from accelerate.utils import gather_object
-
-    order = gather_object(list(mine))
-    texts = gather_object(texts)
-    by_index = dict(zip(order, texts))
-    metrics = score_responses(examples, [by_index[i] for i in range(len(examples))])
-    return {f"eval/{k}": v for k, v in metrics.items()}
-
-
-def save(cfg: SFTConfig, accelerator: Accelerator, model, processor, optimizer, scheduler, step: int,
-         metrics: dict) -> Path:
-    def write(tmp: Path) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
-            merged = copy.deepcopy(unwrapped).merge_and_unload()
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
-            processor.save_pretrained(tmp / "merged")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        save_config(cfg, tmp / "config.yaml")
-
-    return save_checkpoint(cfg.train.output_dir, step, write, {"metrics": metrics},
-                           rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
-                           keep_last=cfg.train.keep_last)
-
-
 def train(cfg: SFTConfig) -> dict:
     # --- build -----------------------------------------------------------------------------
-    accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
+    accelerator, out = setup_run(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
-    set_seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
     train_data = load_train_data(cfg, processor)
@@ -139,10 +79,7 @@ def train(cfg: SFTConfig) -> dict:
 
     start = 0
     if resume_from is not None:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
-        start = load_trainer_state(resume_from, rank)["step"]
-        log.info("resumed from %s at step %d", resume_from, start)
+        start = restore_optimizer(resume_from, optimizer, scheduler, rank)["step"]
 
     tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not accelerator.is_main_process,
@@ -172,10 +109,7 @@ def train(cfg: SFTConfig) -> dict:
         loss = accelerator.reduce(nll_total, "sum").item() / n_tokens
         grad_norm = (accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm).item()
                      if cfg.optim.max_grad_norm else float("nan"))
-        if not math.isfinite(loss) or (cfg.optim.max_grad_norm and not math.isfinite(grad_norm)):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; stopping without "
-                f"saving — the last good checkpoint in {out} is kept (try a lower optim.lr)")
+        check_finite(step, out, loss=loss, **({"grad_norm": grad_norm} if cfg.optim.max_grad_norm else {}))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,13 +119,14 @@ def train(cfg: SFTConfig) -> dict:
                    "train/epoch": (step * accum * cfg.train.batch_size * world) / len(train_data)}
         last = step == cfg.train.max_steps
         if eval_data and (last or cfg.eval.every and step % cfg.eval.every == 0):
-            metrics.update(evaluate(cfg, accelerator, model, processor, eval_data))
+            metrics.update(evaluate_policy(accelerator, model, processor, eval_data,
+                                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size))
         if step % cfg.train.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
             tracker.log(metrics, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **{k[5:]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
         if last or cfg.train.save_every and step % cfg.train.save_every == 0:
-            save(cfg, accelerator, model, processor, optimizer, scheduler, step, metrics)
+            save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler, {"metrics": metrics})
 
     bar.close()
     tracker.close()
@@ -206,7 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(SFTConfig, a.config, a.overrides)
-    return train(cfg)
+    metrics = train(cfg)
+    if metrics and "eval/accuracy" in metrics:
+        print(f"held-out ({cfg.data.eval}, n={int(metrics['eval/n'])}): "
+              f"answer accuracy {metrics['eval/accuracy']:.3f} | format validity {metrics['eval/format_rate']:.3f}"
+              + (f" | caption exact match {metrics['eval/caption_match']:.3f}" if "eval/caption_match" in metrics else "")
+              + f" | final train loss {metrics['train/loss']:.4f}")
+    elif not metrics:
+        print(f"nothing to do: {cfg.train.output_dir} already holds a checkpoint at train.max_steps={cfg.train.max_steps}")
+    return metrics
 
 
 if __name__ == "__main__":

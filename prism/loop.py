@@ -1,0 +1,114 @@
+"""Pieces every stage's training loop shares (functions, not a base class): run set-up, the data
+order, held-out evaluation, policy checkpoints and resume.
+
+Each stage's `train.py` still reads top to bottom; it calls these where SFT, ALIGN and RL would
+otherwise carry three copies of the same twenty lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from prism.checkpoint import load_trainer_state, save_checkpoint
+from prism.config import save_config
+from prism.data.example import Example
+from prism.eval.metrics import score_responses
+from prism.rollout.engine import SamplingParams, generate
+
+log = logging.getLogger("prism")
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change. The CLI prints it as one line."""
+
+
+class NonFiniteLossError(RunError):
+    """A NaN/inf loss or gradient: the run stops without saving, keeping the last good checkpoint."""
+
+
+def setup_run(cfg) -> tuple[Accelerator, Path]:
+    """Accelerator (CPU unless a GPU is visible and not disabled), seeds, output dir + resolved config."""
+    accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return accelerator, out
+
+
+def micro_batch_indices(n: int, k: int, batch_size: int, world: int, rank: int, seed: int) -> list[int]:
+    """Example indices of global batch `k` (0-based, counted over the run) on `rank`.
+
+    Epoch e is the permutation seeded by seed + e; a global batch is `batch_size * world`
+    consecutive entries of it (an incomplete tail is dropped), and each rank takes its slice.
+    The order is a pure function of (seed, k), so resuming needs only the batch counter.
+    """
+    per_epoch = n // (batch_size * world)
+    epoch, j = divmod(k, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    start = (j * world + rank) * batch_size
+    return perm[start: start + batch_size].tolist()
+
+
+def evaluate_policy(accelerator: Accelerator, model, processor, examples: Sequence[Example], *,
+                    max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+                    prefix: str = "eval/") -> dict[str, float]:
+    """One response per held-out example (greedy, or sampled at `temperature`), sharded over
+    processes; answer accuracy, format validity and (synthetic task) caption match."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+        texts = generate(accelerator.unwrap_model(model), processor, [examples[i] for i in mine], params,
+                         batch_size=batch_size)
+    by_index = dict(zip(gather_object(list(mine)), gather_object(texts)))
+    metrics = score_responses(examples, [by_index[i] for i in range(len(examples))])
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def save_policy_checkpoint(cfg, accelerator: Accelerator, step: int, model, processor, optimizer, scheduler,
+                           state: dict, extra: Callable[[Path], None] | None = None) -> Path:
+    """Atomic checkpoint of a policy: weights (or adapter, + merged), processor, optimizer, scheduler,
+    resolved config, RNG states and `state` (trainer_state.json). `extra(tmp_dir)` adds stage files."""
+
+    def write(tmp: Path) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+            merged = copy.deepcopy(unwrapped).merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            processor.save_pretrained(tmp / "merged")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_config(cfg, tmp / "config.yaml")
+        if extra is not None:
+            extra(tmp)
+
+    return save_checkpoint(cfg.train.output_dir, step, write, state, rank=accelerator.process_index,
+                           barrier=accelerator.wait_for_everyone, keep_last=cfg.train.keep_last)
+
+
+def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int) -> dict:
+    """Load optimizer / scheduler / RNG state of a checkpoint; returns its trainer state."""
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    state = load_trainer_state(ckpt, rank)
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state
+
+
+def check_finite(step: int, out: Path, **values: float) -> None:
+    import math
+
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise NonFiniteLossError(f"non-finite {what} at step {step}; stopping without saving — the last good "
+                                 f"checkpoint in {out} is kept (try a lower optim.lr)")

@@ -1,0 +1,1 @@
+"""Stage 3 — RLVR (GRPO / DAPO / GSPO) and the clipped policy update shared with ALIGN."""

@@ -1,0 +1,269 @@
+"""Stage 3 — RLVR with GRPO, DAPO or GSPO and verifiable rewards (DESIGN §5).
+
+    prism-rl --algo grpo --config configs/rl/demo.yaml [rollout.group_size=8 optim.lr=1e-6 ...]
+    prism-rl filter --model DIR --data FILE --k 8 --band 0,1 --max-n 2000 --out FILE
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m prism.rl.train --algo dapo --config ...
+
+One step, top to bottom: take the next `train.batch_size` prompts per process → sample
+`rollout.group_size` responses each (the rollout engine) → rewards (0.8·accuracy + 0.2·format by
+default; DAPO adds overlong shaping) → under dynamic sampling, drop groups whose rewards are all
+equal and sample more prompts until the batch is full → group-relative advantages → the clipped
+policy update (`prism.rl.update`, the same one ALIGN uses; KL to a reference only when
+`algo.kl_coef > 0`) → log, evaluate, checkpoint.
+
+Prompts are drawn in a seeded order (a permutation per epoch, `prism.loop.micro_batch_indices`);
+the number of batches drawn so far is saved with each checkpoint, and with the RNG states this
+makes a resumed run continue exactly where the interrupted one would have gone.
+Groups never split across processes: each process samples whole groups for its own prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from prism.checkpoint import resolve_resume
+from prism.config import ConfigError, RLConfig, load_config
+from prism.data.example import DataError, Example
+from prism.data.formats import load_examples
+from prism.loop import RunError, evaluate_policy, micro_batch_indices, restore_optimizer, save_policy_checkpoint, setup_run
+from prism.losses.advantages import all_equal_groups, group_advantages
+from prism.losses.policy import ALGORITHMS
+from prism.models.loader import load_model
+from prism.models.processor import load_processor
+from prism.rewards import REWARDS, RewardModel, overlong_penalty
+from prism.rl.update import policy_update
+from prism.rollout.engine import HFBackend, Rollouts, SamplingParams
+from prism.rollout.logprobs import token_log_probs
+from prism.tracking import Tracker
+
+log = logging.getLogger("prism.rl")
+
+
+def dynamic_sampling_on(cfg: RLConfig) -> bool:
+    return cfg.algo.dynamic_sampling if cfg.algo.dynamic_sampling is not None else cfg.algo.name == "dapo"
+
+
+def overlong_buffer(cfg: RLConfig) -> int:
+    if cfg.algo.overlong_buffer is not None:
+        return cfg.algo.overlong_buffer
+    return cfg.rollout.max_new_tokens // 4 if cfg.algo.name == "dapo" else 0
+
+
+def check_config(cfg: RLConfig) -> None:
+    if cfg.rollout.group_size < 2:
+        raise ConfigError(f"rollout.group_size: {cfg.rollout.group_size} with {cfg.algo.name}: group-relative "
+                          "advantages of a group of one are always zero, so nothing would be learned; use >= 2")
+    if overlong_buffer(cfg) >= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"algo.overlong_buffer: {overlong_buffer(cfg)} must be smaller than "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+
+
+def load_prompts(path: str, cfg: RLConfig, limit: int | None = None) -> list[Example]:
+    """RL problems: every example needs a ground-truth answer (its assistant turn, if any, is ignored)."""
+    return load_examples(path, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad, limit=limit)
+
+
+class BatchCollector:
+    """Draws prompt batches in the run's seeded order, samples and scores them; dynamic sampling."""
+
+    def __init__(self, cfg: RLConfig, accelerator, backend: HFBackend, prompts: list[Example], rewards: RewardModel):
+        self.cfg, self.acc, self.backend, self.prompts, self.rewards = cfg, accelerator, backend, prompts, rewards
+        r = cfg.rollout
+        self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                     top_k=r.top_k, n=r.group_size)
+        self.cursor = 0  # global prompt batches drawn so far (saved in checkpoints)
+
+    def _draw(self) -> tuple[Rollouts, torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, acc = self.cfg, self.acc
+        idx = micro_batch_indices(len(self.prompts), self.cursor, cfg.train.batch_size, acc.num_processes,
+                                  acc.process_index, cfg.train.seed)
+        self.cursor += 1
+        batch = [self.prompts[i] for i in idx]
+        rollouts = self.backend.generate(batch, self.params)
+        expanded = [ex for ex in batch for _ in range(self.params.n)]
+        t0 = time.perf_counter()
+        rewards, parts = self.rewards(rollouts.texts, expanded)
+        for name in ("accuracy", "format"):  # always monitored, whether or not they are rewarded
+            if name not in parts:
+                parts[name] = torch.tensor(REWARDS[name](rollouts.texts, expanded), dtype=torch.float32)
+        shaping = overlong_penalty(rollouts.response_lengths, cfg.rollout.max_new_tokens, overlong_buffer(cfg),
+                                   cfg.algo.overlong_penalty)
+        parts["overlong_penalty"] = shaping
+        rollouts.meta["score_seconds"] = time.perf_counter() - t0
+        return rollouts, rewards + shaping, parts
+
+    def collect(self, step: int) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+        """Rollouts and rewards [N] for one step (N = kept groups × G), plus sampling metrics."""
+        cfg, acc, G = self.cfg, self.acc, self.params.n
+        want = cfg.train.batch_size
+        dynamic = dynamic_sampling_on(cfg)
+        kept: list[Rollouts] = []
+        kept_rewards: list[torch.Tensor] = []
+        seen: dict[str, list[torch.Tensor]] = {}
+        n_kept = dropped = rounds = 0
+        t_gen = t_score = 0.0
+        while True:
+            t0 = time.perf_counter()
+            rollouts, rewards, parts = self._draw()
+            t_score += rollouts.meta.pop("score_seconds")
+            t_gen += time.perf_counter() - t0
+            rounds += 1
+            for k, v in {**parts, "reward": rewards, "length": rollouts.response_lengths.float(),
+                         "truncated": torch.tensor([f == "length" for f in rollouts.finish_reasons]).float()}.items():
+                seen.setdefault(k, []).append(v)
+            if dynamic:
+                keep = ~all_equal_groups(rewards, G)
+                dropped += int((~keep).sum())
+                rows = torch.nonzero(keep.repeat_interleave(G)).squeeze(-1)
+                rollouts, rewards = rollouts.select(rows), rewards[rows]
+            kept.append(rollouts)
+            kept_rewards.append(rewards)
+            n_kept += len(rollouts) // G
+            # Every process decides on the same (global minimum) count, so all stay in lockstep.
+            have = int(acc.reduce(torch.tensor(n_kept, device=acc.device), "min")) if acc.num_processes > 1 else n_kept
+            if not dynamic or have >= want or rounds >= cfg.algo.max_num_gen_batches:
+                break
+        t_gen -= t_score
+        if have == 0:
+            raise RunError(
+                f"step {step}: dynamic sampling dropped every group in {rounds} generation rounds "
+                f"(algo.max_num_gen_batches={cfg.algo.max_num_gen_batches}): all {G} rewards of each prompt were "
+                "equal — the problems are all solved or all failed by this policy. Filter the data to a "
+                "difficulty band (prism-rl filter), raise algo.max_num_gen_batches, or set algo.dynamic_sampling=false")
+        rollouts, rewards = Rollouts.concat(kept), torch.cat(kept_rewards)
+        take = min(have, want) * G
+        rollouts, rewards = rollouts.select(range(take)), rewards[:take]
+        metrics = {f"rollout/{k}": float(torch.cat(v).mean()) for k, v in seen.items()}
+        metrics.update({"rollout/dropped_groups": float(dropped), "rollout/gen_rounds": float(rounds),
+                        "rollout/kept_groups": float(take // G),
+                        "time/generation": t_gen, "time/scoring": t_score})
+        return rollouts, rewards, metrics
+
+
+def train(cfg: RLConfig) -> dict:
+    check_config(cfg)
+    # --- build -----------------------------------------------------------------------------
+    accelerator, out = setup_run(cfg)
+    rank = accelerator.process_index
+    processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
+    prompts = load_prompts(cfg.data.train, cfg)
+    eval_data = load_prompts(cfg.data.eval, cfg, limit=cfg.data.eval_limit) if cfg.data.eval else []
+    if len(prompts) < cfg.train.batch_size * accelerator.num_processes:
+        raise DataError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one batch "
+                        f"(train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes)")
+    rewards = RewardModel(cfg.reward.functions)
+
+    resume_from = resolve_resume(cfg.train.resume, out)
+    model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
+    reference = None
+    if cfg.algo.kl_coef > 0:  # only then: a frozen copy of the starting policy
+        reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
+                              num_training_steps=cfg.train.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backend = HFBackend(accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
+    collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
+
+    start = 0
+    if resume_from is not None:
+        state = restore_optimizer(resume_from, optimizer, scheduler, rank)
+        start, collector.cursor = state["step"], state["cursor"]
+
+    tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not accelerator.is_main_process,
+               desc=f"rl/{cfg.algo.name}", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+
+    # --- loop ------------------------------------------------------------------------------
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        backend.sync_weights(accelerator.unwrap_model(model))
+        rollouts, reward, metrics = collector.collect(step)
+        advantages = group_advantages(reward, cfg.rollout.group_size, scale_by_std=cfg.algo.scale_rewards)
+
+        t1 = time.perf_counter()
+        ref_log_probs = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_log_probs, _ = token_log_probs(reference, rollouts, cfg.rollout.temperature,
+                                                   cfg.rollout.logprob_chunk_size)
+        update = policy_update(model, optimizer, accelerator, rollouts, advantages, cfg.algo,
+                               temperature=cfg.rollout.temperature, logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+                               params=params, max_grad_norm=cfg.optim.max_grad_norm, ref_log_probs=ref_log_probs,
+                               step=step, out_dir=out)
+        scheduler.step()
+        metrics.update({f"actor/{k}": v for k, v in update.items()})
+        metrics.update({"time/update": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
+                        "actor/lr": scheduler.get_last_lr()[0]})
+        if accelerator.num_processes > 1:
+            keys = sorted(k for k in metrics if k.startswith("rollout/"))
+            vals = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
+            metrics.update(zip(keys, vals.tolist()))
+
+        last = step == cfg.train.max_steps
+        if eval_data and (last or cfg.eval.every and step % cfg.eval.every == 0):
+            metrics.update(evaluate(cfg, accelerator, model, processor, eval_data))
+        if step % cfg.train.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
+            tracker.log(metrics, step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['rollout/reward']:.3f}", acc=f"{metrics.get('rollout/accuracy', 0):.3f}")
+        if last or cfg.train.save_every and step % cfg.train.save_every == 0:
+            save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler,
+                                   {"metrics": metrics, "cursor": collector.cursor})
+
+    bar.close()
+    tracker.close()
+    accelerator.end_training()
+    return metrics
+
+
+def evaluate(cfg: RLConfig, accelerator, model, processor, examples: list[Example]) -> dict[str, float]:
+    """Held-out accuracy greedy (eval/...) and sampled at the rollout temperature (eval_sampled/...)."""
+    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    metrics = evaluate_policy(accelerator, model, processor, examples, **kw)
+    if cfg.rollout.temperature > 0:
+        metrics.update(evaluate_policy(accelerator, model, processor, examples, temperature=cfg.rollout.temperature,
+                                       prefix="eval_sampled/", **kw))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["filter"]:
+        from prism.rl.filter import main as filter_main
+
+        return filter_main(argv[1:])
+    p = argparse.ArgumentParser(prog="prism-rl", description="Stage 3: RLVR with GRPO / DAPO / GSPO (DESIGN §5). "
+                                "`prism-rl filter --help` for the difficulty-matched subset.")
+    p.add_argument("--algo", choices=sorted(ALGORITHMS), help="policy loss (overrides algo.name)")
+    p.add_argument("--config", help="YAML config (see configs/rl/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=8 optim.lr=1e-6")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(RLConfig, a.config, a.overrides + ([f"algo.name={a.algo}"] if a.algo else []))
+    metrics = train(cfg)
+    if "eval/accuracy" in metrics:
+        line = f"held-out ({cfg.data.eval}): greedy accuracy {metrics['eval/accuracy']:.3f}"
+        if "eval_sampled/accuracy" in metrics:
+            line += f" | sampled (T={cfg.rollout.temperature}) accuracy {metrics['eval_sampled/accuracy']:.3f}"
+        print(line + f" | format validity {metrics['eval/format_rate']:.3f}")
+    elif not metrics:
+        print(f"nothing to do: {cfg.train.output_dir} already holds a checkpoint at train.max_steps={cfg.train.max_steps}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The MoE discriminator of PRISM (DESIGN §4): a perception expert D_v that scores the caption and a
+reasoning expert D_r that scores the think section of a response, both conditioned on the prompt
+and (unless `text_only`) its image.
+
+    from prism.align import MoEDiscriminator
+    D = MoEDiscriminator.from_pretrained("runs/tiny-model")              # fresh experts on a VLM backbone
+    scores = D.score(examples, responses)   # {"perception": Tensor[N], "reasoning": Tensor[N]}
+    D.save_pretrained("runs/disc"); D2 = MoEDiscriminator.from_pretrained("runs/disc")   # same scores
+
+A score is a scalar head on the backbone's last hidden state at the last real token of
+[prompt (+ image) ; segment] — read by position from the attention mask, so left and right
+padding give the same score — clipped to ±score_clip.
+
+Expert implementations behind the same interface (`experts`):
+- `adapters` (default): one frozen Qwen-VL backbone, one LoRA adapter + scalar head per expert. The
+  experts share no trainable parameter, so the perception loss never moves the reasoning expert.
+- `upcycled`: a Qwen3-VL-MoE backbone sparse-upcycled from a dense Qwen3-VL
+  (`prism-align upcycle`, `prism.align.upcycle`), trained in full with a router; one scalar head
+  per component, and the router's load-balancing loss is returned for the discriminator loss.
+Ablations: `dense` (one scorer for both components, no experts) and `text_only` (the image is
+never shown: prompts are rendered without it and no pixel values are passed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+from prism.config import ConfigError
+from prism.data.collate import _images, render, text_position_ids
+from prism.data.example import IMAGE_PLACEHOLDER, Example
+from prism.models.loader import check_model_dir
+from prism.models.processor import load_processor
+from prism.response import parse_response
+
+CONFIG_FILE = "discriminator.json"
+HEADS_FILE = "heads.safetensors"
+COMPONENTS = ("perception", "reasoning")
+SECTION_OF = {"perception": "caption", "reasoning": "think"}
+LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class DiscriminatorConfig:
+    experts: str = "adapters"
+    """adapters | upcycled"""
+    dense: bool = False
+    """One shared scorer for both components (ablation: no experts)."""
+    text_only: bool = False
+    """Never show the image (ablation)."""
+    score_clip: float = 10.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = LM_PROJECTIONS
+    aux_loss_coef: float = 0.01
+    """Weight of the router's load-balancing loss (upcycled)."""
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.experts not in ("adapters", "upcycled"):
+            raise ConfigError(f"discriminator.experts: expected adapters or upcycled, got {self.experts!r}")
+        if self.score_clip <= 0:
+            raise ConfigError(f"discriminator.score_clip: must be > 0, got {self.score_clip}")
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        return ("shared",) if self.dense else COMPONENTS
+
+
+@dataclass
+class DiscriminatorOutput:
+    scores: torch.Tensor
+    """[N] clipped scalar scores."""
+    aux_loss: torch.Tensor | None = None
+    """Router load-balancing loss (upcycled backbones), else None."""
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] index of the last attended position of each row, for left or right padding alike."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def _strip_images(messages: Sequence[dict]) -> list[dict]:
+    return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, "")} for m in messages]
+
+
+class MoEDiscriminator(nn.Module):
+    """Perception and reasoning experts on one VLM backbone; see the module docstring."""
+
+    def __init__(self, backbone: nn.Module, processor, config: DiscriminatorConfig, source: Path | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.processor = processor
+        self._source = source  # where the frozen base weights of an adapters backbone came from
+        self._active: str | None = None  # the expert whose adapter the backbone runs through
+        hidden = self._base().config.get_text_config().hidden_size
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, 1) for name in config.scorers})
+        for head in self.heads.values():  # a reward-model head: small weights, zero bias
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        self.to(next(backbone.parameters()).dtype)
+        self._check_tokenizer()
+
+    # ------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "MoEDiscriminator":
+        """A saved discriminator (a directory with discriminator.json), or fresh experts on any
+        local Qwen-VL directory the loader accepts (`overrides` are DiscriminatorConfig fields)."""
+        path = Path(path)
+        if (path / CONFIG_FILE).is_file():
+            saved = json.loads((path / CONFIG_FILE).read_text())
+            for key in ("experts", "dense"):  # the layout of the saved experts cannot change on load
+                if key in overrides and overrides[key] != saved[key]:
+                    raise ConfigError(f"discriminator.{key}: {path} was saved with {key}={saved[key]!r}, "
+                                      f"cannot load it as {key}={overrides[key]!r}")
+            saved.update(overrides)
+            config = DiscriminatorConfig(**saved)
+            disc = cls._build(path / "backbone", path, config, adapters=path / "adapters")
+            disc.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+            return disc
+        return cls._build(path, path, DiscriminatorConfig(**overrides))
+
+    @classmethod
+    def _build(cls, backbone_dir: Path, processor_dir: Path, config: DiscriminatorConfig,
+               adapters: Path | None = None) -> "MoEDiscriminator":
+        from prism.models.loader import resolve_dtype
+
+        check_model_dir(backbone_dir, key="discriminator.path")
+        try:
+            processor = load_processor(processor_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"discriminator.path: {processor_dir} has no usable processor ({e}); the "
+                              "discriminator tokenizes with its own processor") from None
+        base = AutoModelForImageTextToText.from_pretrained(
+            backbone_dir, dtype=resolve_dtype(config.dtype), attn_implementation=config.attn_implementation,
+            use_safetensors=True)
+        model_type = base.config.model_type
+        if config.experts == "upcycled" and "moe" not in model_type:
+            raise ConfigError(f"discriminator.experts=upcycled needs a MoE backbone, {backbone_dir} is {model_type}; "
+                              "make one with `prism-align upcycle --model DIR --out DIR`")
+        base.requires_grad_(False)
+        if config.experts == "adapters":
+            backbone = cls._with_adapters(base, config, adapters)
+        else:
+            backbone = base
+            for name, p in base.named_parameters():  # the language model trains; vision stays frozen
+                p.requires_grad_(".visual." not in f".{name}")
+        return cls(backbone, processor, config, source=backbone_dir)
+
+    @staticmethod
+    def _with_adapters(base: nn.Module, config: DiscriminatorConfig, saved: Path | None) -> nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        names = config.scorers
+        if saved is not None:
+            model = PeftModel.from_pretrained(base, saved / names[0], adapter_name=names[0], is_trainable=True)
+            for name in names[1:]:
+                model.load_adapter(saved / name, adapter_name=name, is_trainable=True)
+            return model
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules)
+        model = get_peft_model(base, lora, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, lora)
+        return model
+
+    def _check_tokenizer(self) -> None:
+        n_tokens = len(self.processor.tokenizer)
+        vocab = self._base().config.get_text_config().vocab_size
+        if n_tokens > vocab:
+            raise ConfigError(f"discriminator.path: its tokenizer has {n_tokens} tokens but the backbone embeds "
+                              f"only {vocab}: the processor does not belong to this backbone")
+
+    def _base(self) -> nn.Module:
+        """The underlying *ForConditionalGeneration model (inside the peft wrapper, if any)."""
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+
+    # ------------------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a self-contained directory that `from_pretrained` reloads to the same scores."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.config.experts == "adapters":
+            self.backbone.save_pretrained(path / "adapters", safe_serialization=True)
+            self._copy_frozen_backbone(path / "backbone")
+        else:
+            self.backbone.save_pretrained(path / "backbone", safe_serialization=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}, str(path / HEADS_FILE))
+        self.processor.save_pretrained(path)
+        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return path
+
+    def _copy_frozen_backbone(self, dest: Path) -> None:
+        """The adapters' base weights never change: link (or copy) the files they were loaded from."""
+        dest.mkdir(parents=True, exist_ok=True)
+        wanted = [*self._source.glob("*.safetensors"), *self._source.glob("*.safetensors.index.json"),
+                  *(self._source / n for n in ("config.json", "generation_config.json"))]
+        for f in wanted:
+            if not f.is_file():
+                continue
+            target = dest / f.name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:  # another file system
+                shutil.copy2(f, target)
+
+    # ------------------------------------------------------------------------------ scoring
+
+    def scorer_of(self, component: str) -> str:
+        if component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        return "shared" if self.config.dense else component
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.heads.parameters()).device
+
+    def encode(self, examples: Sequence[Example], segments: Sequence[str], component: str,
+               padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Tensors for one component: [prompt (+ image) ; <section>segment</section>] per row."""
+        tag = SECTION_OF[component]
+        texts, prompt_examples = [], []
+        for ex, seg in zip(examples, segments):
+            messages = _strip_images(ex.prompt_messages) if self.config.text_only else ex.prompt_messages
+            texts.append(render(self.processor, messages, add_generation_prompt=True) + f"<{tag}>{seg}</{tag}>")
+            prompt_examples.append(ex)
+        images = [] if self.config.text_only else _images(prompt_examples, prompt_only=True)
+        tok = self.processor.tokenizer
+        tok.padding_side = padding_side
+        try:
+            batch = dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
+        finally:
+            tok.padding_side = "right"
+        if "pixel_values" not in batch:
+            batch.pop("mm_token_type_ids", None)
+            batch["position_ids"] = text_position_ids(batch["attention_mask"])
+        return batch
+
+    def forward(self, inputs: dict[str, torch.Tensor], component: str) -> DiscriminatorOutput:
+        """Scores [N] of one component from `encode`d inputs (gradients flow to its expert only)."""
+        scorer = self.scorer_of(component)
+        if self.config.experts == "adapters":
+            self._activate(scorer)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        upcycled = self.config.experts == "upcycled"
+        out = self._base().model(**inputs, use_cache=False, **({"output_router_logits": True} if upcycled else {}))
+        hidden = out.last_hidden_state
+        last = last_token_index(inputs["attention_mask"])
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        scores = self.heads[scorer](h).squeeze(-1).float().clamp(-self.config.score_clip, self.config.score_clip)
+        aux = None
+        if upcycled and getattr(out, "router_logits", None):
+            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+            text = self._base().config.text_config
+            aux = load_balancing_loss_func(out.router_logits, text.num_experts, text.num_experts_per_tok,
+                                           inputs["attention_mask"])
+        return DiscriminatorOutput(scores, aux)
+
+    def _activate(self, scorer: str) -> None:
+        """Route the backbone through one expert's adapter. peft's set_adapter also freezes the
+        others; they are unfrozen again so one optimizer owns every expert (an inactive adapter takes
+        no part in the forward, so it still gets no gradient)."""
+        if self._active != scorer:
+            self.backbone.set_adapter(scorer)
+            for name, p in self.backbone.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+            self._active = scorer
+
+    @torch.no_grad()
+    def score(self, examples: Sequence[Example], responses: Sequence[str], batch_size: int = 32,
+              padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """{"perception": [N], "reasoning": [N]} for raw examples and response texts (a missing
+        section is scored as empty)."""
+        parsed = [parse_response(r) for r in responses]
+        out: dict[str, torch.Tensor] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            for comp in COMPONENTS:
+                segs = [getattr(p, SECTION_OF[comp]) or "" for p in parsed]
+                chunks = []
+                for i in range(0, len(examples), batch_size):
+                    inputs = self.encode(examples[i: i + batch_size], segs[i: i + batch_size], comp, padding_side)
+                    chunks.append(self(inputs, comp).scores.cpu())
+                out[comp] = torch.cat(chunks) if chunks else torch.zeros(0)
+        finally:
+            self.train(was_training)
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.config.experts == "adapters":
+            params = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        else:
+            params = [p for p in self.backbone.parameters() if p.requires_grad]
+        return params + list(self.heads.parameters())
+
+    def expert_parameters(self, scorer: str) -> dict[str, nn.Parameter]:
+        """Parameters owned by one expert alone (adapters: its LoRA weights and its head)."""
+        own = {f"heads.{scorer}.{n}": p for n, p in self.heads[scorer].named_parameters()}
+        if self.config.experts == "adapters":
+            own.update({n: p for n, p in self.backbone.named_parameters() if "lora_" in n and f".{scorer}." in n})
+        return own

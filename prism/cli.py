@@ -1,7 +1,8 @@
 """Console entry points (see [project.scripts] in pyproject.toml).
 
 Each stage's module owns its argument parsing; this file only routes, and turns prism's own
-input errors (bad config, bad data, missing files) into a one-line message and exit code 2
+input errors (bad config, bad data, missing files) into a one-line message and exit code 2, and a
+run that cannot go on (NaN loss, dynamic sampling exhausted) into one line and exit code 1,
 instead of a traceback.
 """
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 from prism.config import ConfigError
 from prism.data.example import DataError
+from prism.loop import RunError
 
 
 def _run(fn: Callable[[], object]) -> None:
@@ -22,11 +24,9 @@ def _run(fn: Callable[[], object]) -> None:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def _not_yet(name: str, issue: str) -> None:
-    print(f"error: {name} is not implemented yet (tracked in the {issue} issue)", file=sys.stderr)
-    sys.exit(2)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def sft() -> None:
@@ -48,12 +48,18 @@ def synth() -> None:
 
 
 def align() -> None:
-    _not_yet("prism-align", "Stage 2 (ALIGN)")
+    from prism.align.train import main
+
+    _run(main)
 
 
 def rl() -> None:
-    _not_yet("prism-rl", "Stage 3 (RLVR)")
+    from prism.rl.train import main
+
+    _run(main)
 
 
 def eval() -> None:  # noqa: A001 - the console script is called prism-eval
-    _not_yet("prism-eval", "pipeline/evaluation")
+    from prism.eval.run import main
+
+    _run(main)

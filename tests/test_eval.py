@@ -1,0 +1,120 @@
+"""Evaluation metrics against hand-computed values: the error split, drift distances, prism-eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism.data.example import Example
+from prism.eval.drift import length_distance, mmd2, token_divergence
+from prism.eval.metrics import score_responses
+
+SCENE = [["red", "blue"], ["blue", "blue"]]
+CAPTION = "row 1: red blue; row 2: blue blue"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ex(answer: str, qtype: str = "count") -> Example:
+    return Example(messages=[{"role": "user", "content": "q"}], answer=answer,
+                   meta={"scene": SCENE, "question_type": qtype})
+
+
+def _resp(caption: str, answer: str) -> str:
+    return f"<caption>{caption}</caption><think>t</think><answer>{answer}</answer>"
+
+
+def test_error_split_by_hand():
+    examples = [_ex("3"), _ex("3"), _ex("3"), _ex("3"), _ex("blue", "most")]
+    responses = [
+        _resp(CAPTION, "3"),                              # correct
+        "<answer>2</answer>",                             # wrong, not format-valid -> format error
+        _resp("row 1: red red; row 2: blue blue", "2"),   # wrong, valid, caption wrong -> perception error
+        _resp(CAPTION, "4"),                              # wrong, valid, caption right -> reasoning error
+        _resp("row 1: red red; row 2: red blue", "blue"),  # correct answer despite a wrong caption
+    ]
+    m = score_responses(examples, responses)
+    assert m["accuracy"] == pytest.approx(2 / 5) and m["format_rate"] == pytest.approx(4 / 5)
+    assert m["error/format"] == pytest.approx(1 / 5)
+    assert m["error/perception"] == pytest.approx(1 / 5)
+    assert m["error/reasoning"] == pytest.approx(1 / 5)
+    assert m["accuracy"] + m["error/format"] + m["error/perception"] + m["error/reasoning"] == pytest.approx(1)
+    assert m["caption_match"] == pytest.approx(2 / 5)  # responses 1 and 4
+    assert m["reasoning_given_perception"] == pytest.approx(1 / 2)  # of those two, one answered right
+    assert m["acc/count"] == pytest.approx(1 / 4) and m["acc/most"] == 1.0
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_drift_of_a_set_to_itself_is_zero_and_grows_with_a_shift():
+    tok = _CharTokenizer()
+    ref = [_resp("ab", "1"), _resp("abcd", "2"), _resp("abc", "3")]
+    assert length_distance(tok, ref, ref) == {"caption": 0.0, "think": 0.0, "answer": 0.0}
+    assert all(v == pytest.approx(0.0, abs=1e-12) for v in token_divergence(tok, ref, ref).values())
+    # captions two characters longer each: the length distance is exactly 2 for the caption, 0 elsewhere
+    longer = [_resp("ab" + "zz", "1"), _resp("abcd" + "zz", "2"), _resp("abc" + "zz", "3")]
+    d = length_distance(tok, longer, ref)
+    assert d == {"caption": 2.0, "think": 0.0, "answer": 0.0}
+    small, big = token_divergence(tok, longer, ref)["caption"], token_divergence(
+        tok, [_resp("zzzz", "1")] * 3, ref)["caption"]
+    assert 0 < small < big <= 1.0
+    assert token_divergence(tok, [_resp("zz", "1")], [_resp("ab", "1")])["caption"] == pytest.approx(1.0)
+
+
+def test_mmd_is_zero_on_the_same_distribution_and_grows_with_the_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = torch.randn(200, 4, generator=g)
+    same = mmd2(x, y, bandwidth=1.0)
+    assert abs(same) < 0.02
+    shifts = [mmd2(x, y + s, bandwidth=1.0) for s in (0.5, 1.0, 2.0)]
+    assert same < shifts[0] < shifts[1] < shifts[2]
+    # by hand: one point each, distance² 2 -> k = e^{-1}; unbiased within-set terms are empty -> −2e^{-1}
+    assert mmd2(torch.zeros(1, 2), torch.ones(1, 2), bandwidth=1.0) == pytest.approx(-2 * torch.e ** -1)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = "from prism.cli import eval; import sys; sys.argv[0] = 'prism-eval'; eval()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_prism_eval_end_to_end_and_bad_input(tiny_model_dir, tmp_path):
+    from prism.data.synthetic import SynthConfig, generate
+
+    generate(SynthConfig(out=str(tmp_path / "d"), n=8, n_curated=4, n_align=4, n_rl=4, n_test=4, seed=5))
+    out = tmp_path / "r.json"
+    proc = _cli("--model", str(tiny_model_dir), "--data", str(tmp_path / "d/test.jsonl"), "--samples", "2",
+                "--max-new-tokens", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert {"greedy", "sampled", "drift"} <= set(r) and r["sampled"]["n"] == 8
+    assert {"length/caption", "tokens/think", "embedding_mmd"} <= set(r["drift"])
+    assert "error/perception" in r["greedy"]
+    # data without answers: answer metrics skipped with a note, drift still computed
+    rows = [json.loads(x) for x in (tmp_path / "d/test.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("answer")
+        row["images"] = [str(tmp_path / "d" / p) for p in row["images"]]
+    (tmp_path / "noans.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    proc = _cli("--model", str(tiny_model_dir), "--data", str(tmp_path / "noans.jsonl"), "--max-new-tokens", "4",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert "greedy" not in r and "drift" in r and "no ground-truth" in r["note"]
+    # a model directory without a processor
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((tiny_model_dir / f).read_bytes())
+    proc = _cli("--model", str(bare), "--data", str(tmp_path / "d/test.jsonl"))
+    assert proc.returncode == 2 and "has no usable processor" in proc.stderr.strip().splitlines()[-1]

@@ -54,7 +54,8 @@ def test_count_by_hand():
     assert answer_question(SCENE, "count", {"color": "yellow"}) == "1"
     assert answer_question(SCENE, "count", {"color": "purple"}) == "0"
     _, full, terse = solve(SCENE, "count", {"color": "red"})
-    assert full == "Count red in each row: row 1 has 1, row 2 has 2, row 3 has 0. Total: 1 + 2 + 0 = 3."
+    assert full == ("Count each colour: red three, green two, blue three, yellow one. "
+                    "The question asks about red, so red three.")
     assert terse == "red: 3."
 
 
@@ -63,8 +64,8 @@ def test_compare_by_hand():
     assert answer_question(SCENE, "compare", {"color": "green", "color2": "yellow"}) == "green"  # 2 vs 1
     assert answer_question(SCENE, "compare", {"color": "yellow", "color2": "blue"}) == "blue"  # 1 vs 3
     _, full, terse = solve(SCENE, "compare", {"color": "yellow", "color2": "blue"})
-    assert full.endswith("1 < 3, so there are more blue cells.")
-    assert "Total: 0 + 1 + 0 = 1." in full and "Total: 1 + 0 + 2 = 3." in full
+    assert full == ("Count each colour: red three, green two, blue three, yellow one. Compare yellow one with "
+                    "blue three: one is less than three, so there are more blue cells.")
     assert terse == "yellow: 1, blue: 3."
 
 
@@ -74,7 +75,8 @@ def test_row_count_by_hand():
     assert answer_question(SCENE, "row_count", {"color": "green", "row": 1}) == "1"
     assert answer_question(SCENE, "row_count", {"color": "yellow", "row": 1}) == "0"
     _, full, _ = solve(SCENE, "row_count", {"color": "red", "row": 2})
-    assert full == "Row 2 is: yellow red red. Check each cell for red: yellow no, red yes, red yes. So row 2 has 2 red cells."
+    assert full == ("Row 2 is: yellow red red. Count each colour in row 2: red two, green zero, blue zero, "
+                    "yellow one. The question asks about red, so red two.")
     with pytest.raises(ValueError, match="row 4"):
         answer_question(SCENE, "row_count", {"color": "red", "row": 4})
 
@@ -83,11 +85,13 @@ def test_most_by_hand():
     scene = [["red", "red", "blue"], ["green", "red", "yellow"], ["blue", "red", "green"]]  # red 4
     assert answer_question(scene, "most", {}) == "red"
     _, full, terse = solve(scene, "most", {})
-    assert "red 2 + 1 + 1 = 4" in full and full.endswith("The largest count is 4, for red.")
+    assert full == "Count each colour: red four, green two, blue two, yellow one. The largest count is four, for red."
     assert terse == "red 4, green 2, blue 2, yellow 1."
-    # A tie goes to the colour listed first (COLORS order), and the trace says so.
+    # A tie goes to the colour listed first (palette order), and the trace says so.
     assert answer_question(SCENE, "most", {}) == "red"
-    assert "shared by red and blue" in solve(SCENE, "most", {})[1]
+    assert "shared by red and blue; taking the first listed, red" in solve(SCENE, "most", {})[1]
+    # the palette sets the order of the count, so also the tie-break
+    assert answer_question(SCENE, "most", {}, palette=("blue", "red", "green", "yellow")) == "blue"
 
 
 # ---------------------------------------------------------------------------- captions, images

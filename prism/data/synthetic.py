@@ -16,8 +16,9 @@ drifted; the curated ones are clean. We build the drift so that its two parts ca
   finds nothing wrong; only a judge that looks at the image (the perception expert) can see
   that the caption disagrees with the pixels. Optional `caption_noise` adds unstructured
   perception errors on top, handled the same way.
-- Reasoning drift: with probability `terse_rate` the step-by-step trace is replaced by a terse
-  one ("red: 3."), a style gap the reasoning expert can see without the image.
+- Reasoning drift: with probability `terse_rate` the step-by-step trace ("Count each colour:
+  red 3, green 2, ... so red 3.") is replaced by a terse one ("red: 3."), a style gap the
+  reasoning expert can see without the image.
 
 The example's `answer` and `scene` fields always hold the truth; only the assistant turn drifts.
 
@@ -34,6 +35,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,6 +51,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 QUESTION_TYPES = ("count", "compare", "row_count", "most")
+DEFAULT_PALETTE = ("red", "green", "blue", "yellow")
 SPLITS = ("test", "align", "rl", "curated", "public")  # fill order; see module docstring
 
 Scene = list[list[str]]
@@ -73,7 +76,7 @@ class SynthConfig:
     """Grid sizes, drawn uniformly per example."""
     questions: tuple[str, ...] = QUESTION_TYPES
     """Question types, drawn uniformly per example."""
-    palette: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    palette: tuple[str, ...] = DEFAULT_PALETTE
     bias_from: str = "yellow"
     bias_to: str = "blue"
     bias_rate: float = 0.6
@@ -170,64 +173,81 @@ def question_text(question_type: str, params: dict) -> str:
     }[question_type]
 
 
-def _per_row(scene: Scene, color: str) -> tuple[list[int], str]:
-    """Counts of `color` per row, and the full-trace sentences deriving their total."""
-    counts = [row.count(color) for row in scene]
-    rows = ", ".join(f"row {i} has {k}" for i, k in enumerate(counts, 1))
-    return counts, f"Count {color} in each row: {rows}. Total: {' + '.join(map(str, counts))} = {sum(counts)}."
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen nineteen twenty").split()
 
 
-def solve(scene: Scene, question_type: str, params: dict) -> tuple[str, str, str]:
+def number_word(k: int) -> str:
+    return NUMBER_WORDS[k] if 0 <= k < len(NUMBER_WORDS) else str(k)
+
+
+def _tally(cells: list[str], palette: Sequence[str]) -> tuple[dict[str, int], str]:
+    """Counts of every palette colour in `cells`, and the trace 'red three, green two, blue three, yellow one'."""
+    counts = {c: cells.count(c) for c in palette}
+    return counts, ", ".join(f"{c} {number_word(k)}" for c, k in counts.items())
+
+
+def solve(scene: Scene, question_type: str, params: dict, palette: Sequence[str] = DEFAULT_PALETTE) -> tuple[str, str, str]:
     """(answer, full step-by-step trace, terse trace) for a question about `scene`.
 
-    The traces read only the scene, so fed a (possibly wrong) caption's scene they derive the
-    answer that caption implies. `most` ties (only possible in drifted captions) go to the
-    tied colour first in COLORS order, and the trace says so.
+    The full trace first counts every colour of the palette, always in palette order, then reads
+    the asked colour(s) off that list by repeating its entry ("so red three"); counts are number
+    words, so an entry is two tokens (colour, count) and reading it off is plain copying. Both
+    steps are what a tiny transformer learns in a few hundred steps, where comparing each cell
+    with a colour named in the question is not: a per-cell running count stayed at 0% on its
+    increments after 1000 steps, and with digits (" ", "3": a space token before every count)
+    reading an entry off stalled near 50%. Answers are digits. The terse trace keeps only the
+    asked numbers. The traces read only the scene, so fed a (possibly wrong) caption's scene they
+    derive the answer that caption implies; `most` ties (only possible in drifted captions) go to
+    the tied colour first in palette order, and the trace says so.
     """
+    asked = [params[k] for k in ("color", "color2") if k in params]
+    palette = tuple(dict.fromkeys([*palette, *(c for row in scene for c in row), *asked]))  # + anything off-palette
+    counts, listing = _tally([c for row in scene for c in row], palette)
+    w = {c: number_word(k) for c, k in counts.items()}
     if question_type == "count":
-        counts, full = _per_row(scene, params["color"])
-        return str(sum(counts)), full, f"{params['color']}: {sum(counts)}."
+        c = params["color"]
+        return str(counts[c]), f"Count each colour: {listing}. The question asks about {c}, so {c} {w[c]}.", f"{c}: {counts[c]}."
     if question_type == "compare":
         c1, c2 = params["color"], params["color2"]
-        (k1, t1), (k2, t2) = _per_row(scene, c1), _per_row(scene, c2)
-        n1, n2 = sum(k1), sum(k2)
+        n1, n2 = counts[c1], counts[c2]
         answer = c1 if n1 > n2 else c2 if n2 > n1 else "equal"
+        relation = "more than" if n1 > n2 else "less than" if n1 < n2 else "the same as"
         verdict = "so the counts are equal" if answer == "equal" else f"so there are more {answer} cells"
-        sign = ">" if n1 > n2 else "<" if n1 < n2 else "="
-        return answer, f"{t1} {t2} {n1} {sign} {n2}, {verdict}.", f"{c1}: {n1}, {c2}: {n2}."
+        full = (f"Count each colour: {listing}. Compare {c1} {w[c1]} with {c2} {w[c2]}: "
+                f"{w[c1]} is {relation} {w[c2]}, {verdict}.")
+        return answer, full, f"{c1}: {n1}, {c2}: {n2}."
     if question_type == "row_count":
         c, r = params["color"], params["row"]
         if not 1 <= r <= len(scene):
             raise ValueError(f"row {r} is outside a scene of {len(scene)} rows")
-        row = scene[r - 1]
-        checks = ", ".join(f"{x} {'yes' if x == c else 'no'}" for x in row)
-        k = row.count(c)
-        full = f"Row {r} is: {' '.join(row)}. Check each cell for {c}: {checks}. So row {r} has {k} {c} cell{'' if k == 1 else 's'}."
+        row_counts, row_listing = _tally(scene[r - 1], palette)
+        k = row_counts[c]
+        full = (f"Row {r} is: {' '.join(scene[r - 1])}. Count each colour in row {r}: {row_listing}. "
+                f"The question asks about {c}, so {c} {number_word(k)}.")
         return str(k), full, f"row {r} {c}: {k}."
     if question_type == "most":
-        present = [c for c in COLORS if any(c in row for row in scene)]
-        per_color = {c: [row.count(c) for row in scene] for c in present}
-        totals = {c: sum(k) for c, k in per_color.items()}
-        best = max(totals.values())
-        tied = [c for c in present if totals[c] == best]
-        sums = ", ".join(f"{c} {' + '.join(map(str, k))} = {totals[c]}" for c, k in per_color.items())
+        best = max(counts.values())
+        tied = [c for c in palette if counts[c] == best]
         if len(tied) == 1:
-            end = f"The largest count is {best}, for {tied[0]}."
+            end = f"The largest count is {number_word(best)}, for {tied[0]}."
         else:
-            end = f"The largest count is {best}, shared by {' and '.join(tied)}; taking the first listed, {tied[0]}."
-        terse = ", ".join(f"{c} {totals[c]}" for c in present) + "."
-        return tied[0], f"Count each colour over the rows: {sums}. {end}", terse
+            end = (f"The largest count is {number_word(best)}, shared by {' and '.join(tied)}; "
+                   f"taking the first listed, {tied[0]}.")
+        terse = ", ".join(f"{c} {k}" for c, k in counts.items() if k) + "."
+        return tied[0], f"Count each colour: {listing}. {end}", terse
     raise ValueError(f"unknown question type {question_type!r}")
 
 
-def answer_question(scene: Scene, question_type: str, params: dict) -> str:
+def answer_question(scene: Scene, question_type: str, params: dict, palette: Sequence[str] = DEFAULT_PALETTE) -> str:
     """Ground-truth answer: an integer string, a colour name, or 'equal' (compare)."""
-    return solve(scene, question_type, params)[0]
+    return solve(scene, question_type, params, palette)[0]
 
 
-def format_response(scene: Scene, question_type: str, params: dict, terse: bool = False) -> str:
+def format_response(scene: Scene, question_type: str, params: dict, terse: bool = False,
+                    palette: Sequence[str] = DEFAULT_PALETTE) -> str:
     """The §2 response whose caption describes `scene` and whose think/answer follow from it."""
-    answer, full, short = solve(scene, question_type, params)
+    answer, full, short = solve(scene, question_type, params, palette)
     return f"<caption>{caption_for_scene(scene)}</caption><think>{short if terse else full}</think><answer>{answer}</answer>"
 
 
@@ -269,14 +289,15 @@ def _drift(rng: random.Random, scene: Scene, cfg: SynthConfig) -> tuple[Scene, d
     return out, {"biased_cells": biased, "noisy_cells": noisy}
 
 
-def _record(split: str, i: int, scene: Scene, qtype: str, params: dict, response: str) -> dict:
+def _record(split: str, i: int, scene: Scene, qtype: str, params: dict, response: str,
+            palette: Sequence[str]) -> dict:
     uid = f"{split}-{i:06d}"
     return {
         "id": uid,
         "messages": [{"role": "user", "content": "<image>" + question_text(qtype, params)},
                      {"role": "assistant", "content": response}],
         "images": [f"images/{uid}.png"],
-        "answer": answer_question(scene, qtype, params),
+        "answer": answer_question(scene, qtype, params, palette),
         "scene": scene,
         "question_type": qtype,
         "params": params,
@@ -315,10 +336,12 @@ def generate(cfg: SynthConfig) -> dict:
             if split == "public":
                 shown, drift = _drift(drift_rng, scene, cfg)
                 terse = drift_rng.random() < cfg.terse_rate
-                rec = _record(split, i, scene, qtype, params, format_response(shown, qtype, params, terse))
-                rec["drift"] = {**drift, "terse": terse}
+                response = format_response(shown, qtype, params, terse, cfg.palette)
             else:
-                rec = _record(split, i, scene, qtype, params, format_response(scene, qtype, params))
+                response = format_response(scene, qtype, params, palette=cfg.palette)
+            rec = _record(split, i, scene, qtype, params, response, cfg.palette)
+            if split == "public":
+                rec["drift"] = {**drift, "terse": terse}
             render_scene(scene).save(out / rec["images"][0], format="PNG", compress_level=6)
             lines.append(json.dumps(rec, sort_keys=True) + "\n")
         start += sizes[split]

@@ -73,6 +73,10 @@ _WORDS = (
     "what where picture shows contains described question solve let us look at we see it this that "
     "only not no yes one two three four five six seven eight nine ten zero after before then"
 ).split()
+# Number words the synthetic task's traces use ("red three, green two"): frequent in the corpus so
+# that each becomes one token, and a count is a single token right after its colour.
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen").split()
 
 
 def _corpus(seed: int = 0, n: int = 4000) -> list[str]:
@@ -83,15 +87,16 @@ def _corpus(seed: int = 0, n: int = 4000) -> list[str]:
         row = " ".join(rng.choice(_COLOURS) for _ in range(rng.randint(2, 6)))
         words = " ".join(rng.choice(_WORDS + _COLOURS) for _ in range(rng.randint(4, 14)))
         nums = " + ".join(str(rng.randint(0, 16)) for _ in range(rng.randint(1, 5)))
+        tally = ", ".join(f"{rng.choice(_COLOURS)} {rng.choice(NUMBER_WORDS)}" for _ in range(4))
         lines.append(
             f"<caption>row {rng.randint(1, 6)}: {row}; row {rng.randint(1, 6)}: {row}</caption>"
-            f"<think>{words.capitalize()}. Total: {nums} = {rng.randint(0, 40)}.</think>"
+            f"<think>{words.capitalize()}. Count each colour: {tally}. Total: {nums} = {rng.randint(0, 40)}.</think>"
             f"<answer>{rng.choice(_COLOURS + [str(rng.randint(0, 36))])}</answer> {words}? {words}."
         )
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 560, seed: int = 0) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any UTF-8 text encodes) + Qwen special tokens + format tags."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([

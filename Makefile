@@ -1,5 +1,6 @@
 # The two commands a fresh machine needs (see README):
-#   make demo   set up, then build the tiny model + synthetic data, run SFT, print held-out accuracy
+#   make demo   set up, then the full pipeline on the embedded task (tiny model + synthetic data ->
+#               SFT -> {GRPO | ALIGN -> GRPO}), printing the results table
 #   make test   set up, then run the whole test suite (what CI runs)
 #
 # Set-up installs torch first (pinned, so pip never resolves a newer CUDA build on top of it),
@@ -16,16 +17,21 @@ export DS_BUILD_OPS ?= 0
 DEMO_DATA ?= data/demo
 DEMO_MODEL ?= runs/tiny-model
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo demo-sft test test-fast clean
 
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -q -e ".[deepspeed,wandb,dev]"
 
+# The demo runs alone, so it may use both cores (tests and benchmarks keep one thread).
 demo: setup
+	OMP_NUM_THREADS=2 prism-pipeline --config configs/demo/pipeline.yaml
+
+# Stage 1 alone: tiny model + data, SFT on the clean curated pool, held-out accuracy.
+demo-sft: setup
 	prism-tiny --out $(DEMO_MODEL)
 	prism-synth --out $(DEMO_DATA) --n 4000 --seed 0
-	prism-sft --config configs/sft/demo.yaml
+	OMP_NUM_THREADS=2 prism-sft --config configs/sft/demo.yaml
 
 test: setup
 	$(PYTHON) -m pytest -q tests

@@ -63,3 +63,9 @@ def eval() -> None:  # noqa: A001 - the console script is called prism-eval
     from prism.eval.run import main
 
     _run(main)
+
+
+def pipeline() -> None:
+    from prism.pipeline import main
+
+    _run(main)

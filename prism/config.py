@@ -273,6 +273,63 @@ class AlignConfig(Section):
     logging: LoggingSettings = LoggingSettings()
 
 
+class StageRef(Section):
+    config: str
+    """The stage's own YAML config; the pipeline sets model / data paths, output dir and seed on top."""
+    overrides: list[str] = []
+    """Extra dotted overrides for every run of this stage."""
+
+
+class TinySettings(Section):
+    hidden: int = Field(128, gt=0)
+    layers: int = Field(4, gt=0)
+    head_dim: int = Field(32, gt=0)
+
+
+class SynthSettings(Section):
+    n: int = Field(4000, gt=0)
+    """Size of the drifted public pool (the other splits scale with it; see prism-synth)."""
+    grids: list[int] = [3]
+    bias_rate: float = Field(0.6, ge=0, le=1)
+    terse_rate: float = Field(0.8, ge=0, le=1)
+    caption_noise: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+
+class PipelineEvalSettings(Section):
+    limit: int | None = Field(200, gt=0)
+    """Test examples evaluated after each stage (null: all)."""
+    samples: int = Field(2, ge=0)
+    """Sampled responses per prompt for pass@1 and drift (0: greedy only)."""
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class PipelineConfig(Section):
+    """`prism-pipeline`: tiny model + synthetic data -> SFT -> {RL with X | ALIGN -> RL with X}, evaluated."""
+
+    workdir: str = "runs/pipeline"
+    """Everything the pipeline writes: stage outputs, evaluations, results.json, plots."""
+    model_path: str | None = None
+    """An existing model to start from; null builds the tiny Qwen3-VL (`tiny`)."""
+    tiny: TinySettings = TinySettings()
+    data_dir: str | None = None
+    """An existing prism-synth directory; null generates one (`synth`) under workdir."""
+    synth: SynthSettings = SynthSettings()
+    seeds: list[int] = [0]
+    algos: list[Literal["grpo", "dapo", "gspo"]] = ["grpo"]
+    """The RL algorithm(s) X of the rows SFT->X and PRISM+X."""
+    ablations: list[Literal["dense", "text_only", "alpha0", "alpha1"]] = []
+    """Extra ALIGN variants, each evaluated as a PRISM row (alphaK: align.alpha=K)."""
+    sft: StageRef = StageRef(config="configs/sft/public.yaml")
+    align: StageRef = StageRef(config="configs/align/demo.yaml")
+    rl: StageRef = StageRef(config="configs/rl/demo.yaml")
+    eval: PipelineEvalSettings = PipelineEvalSettings()
+    threads: int | None = Field(None, gt=0)
+    """torch intra-op threads (null: leave torch's default)."""
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -237,10 +237,3 @@ def test_lora_trains_only_adapters_saves_merged_and_resumes(tiny_model_dir, synt
     _run(tiny_model_dir, synth_dir, tmp_path, **{**extra, "train.max_steps": 3})
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
     assert (tmp_path / "checkpoint-000003" / "adapter_model.safetensors").is_file()
-
-
-def test_later_stage_commands_say_not_implemented_yet():
-    for name in ("eval",):
-        proc = subprocess.run([sys.executable, "-c", f"from prism.cli import {name}; {name}()"],
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and "not implemented yet" in proc.stderr

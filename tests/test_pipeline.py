@@ -1,0 +1,81 @@
+"""`prism-pipeline` end to end on a 2-step-per-stage config, reuse of finished stages, the results page,
+and bad pipeline configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prism.config import ConfigError, PipelineConfig, load_config
+from prism.pipeline import Pipeline, format_table
+from prism.report import render
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "sft": ["train.max_steps=2", "train.batch_size=4", "train.save_every=0", "logging.tensorboard=false",
+            "optim.lr=1e-3"],
+    "rl": ["train.max_steps=2", "train.batch_size=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+           "logging.tensorboard=false", "train.save_every=0"],
+    "align": ["train.max_steps=2", "train.batch_size=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+              "warmup.steps=1", "warmup.batch_size=2", "warmup.eval_pairs=2", "logging.tensorboard=false",
+              "train.save_every=0"],
+}
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    cfg = {
+        "workdir": str(tmp_path / "work"),
+        "synth": {"n": 24},
+        "seeds": [0],
+        "algos": ["grpo"],
+        "sft": {"config": str(REPO / "configs/sft/public.yaml"), "overrides": SMALL["sft"]},
+        "rl": {"config": str(REPO / "configs/rl/demo.yaml"), "overrides": SMALL["rl"]},
+        "align": {"config": str(REPO / "configs/align/demo.yaml"), "overrides": SMALL["align"]},
+        "eval": {"limit": 3, "samples": 1, "max_new_tokens": 6},
+        **extra,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
+    path = _config(tmp_path, model_path=str(tiny_model_dir))
+    results = Pipeline(load_config(PipelineConfig, path)).run()
+    assert list(results["rows"]) == ["SFT", "SFT→grpo", "PRISM", "PRISM+grpo"]
+    for row in results["rows"].values():
+        r = row["0"]
+        assert {"greedy", "sampled", "drift"} <= set(r) and "error/perception" in r["greedy"]
+    work = tmp_path / "work"
+    assert json.loads((work / "results.json").read_text())["summary"]["SFT"]["greedy/accuracy"][2] == 1
+    for png in results["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = {k for k in results["timings_s"] if k != "total"}
+    assert stages == {"sft/seed0", "rl-sft-grpo/seed0", "align-default/seed0", "rl-prism-grpo/seed0"}
+    table = format_table(results["summary"])
+    assert "PRISM+grpo" in table and "err perc" in table
+
+    # a second run trains nothing and reads every evaluation back
+    again = Pipeline(load_config(PipelineConfig, path)).run()
+    assert set(again["timings_s"]) == {"total"}
+    assert again["rows"] == json.loads(json.dumps(results["rows"]))
+
+    page = render(again, ["plots/accuracy_per_stage.png"], "prism-pipeline --config x.yaml")
+    assert "| PRISM+grpo |" in page and "prism-pipeline --config x.yaml" in page and "## Reading" in page
+
+
+def test_bad_pipeline_configs_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="algos"):
+        load_config(PipelineConfig, _config(tmp_path, algos=["ppo"]))
+    with pytest.raises(ConfigError, match="ablations"):
+        load_config(PipelineConfig, _config(tmp_path, ablations=["no_such_stage"]))
+    with pytest.raises(ConfigError, match="unknown config key 'stages'"):
+        load_config(PipelineConfig, _config(tmp_path, stages=["sft"]))
+    cfg = load_config(PipelineConfig, _config(tmp_path, sft={"config": str(tmp_path / "missing.yaml")}))
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        Pipeline(cfg).sft(0)

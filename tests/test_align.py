@@ -61,6 +61,12 @@ def test_discriminator_loss_by_hand():
     assert m["perception/gap"] == pytest.approx(1.0) and m["reasoning/gap"] == pytest.approx(1.0)
     assert m["perception/teacher"] == pytest.approx(1.0) and m["reasoning/policy"] == pytest.approx(0.0)
     assert m["no_valid"] == 0
+    # rollout 2 copied the reference's caption: left out of the distinguishable-pairs accuracy only
+    distinct = {"perception": torch.tensor([True, False, True]), "reasoning": torch.tensor([True, True, True])}
+    loss2, m = discriminator_loss(teacher, policy, valid, reg=1e-3, distinct=distinct)
+    assert loss2.item() == pytest.approx(expected)  # the loss does not change
+    assert m["perception/acc_distinct"] == 1.0 and m["perception/distinct"] == 0.5
+    assert m["reasoning/acc_distinct"] == 0.5
 
 
 def test_discriminator_loss_without_valid_rollouts_is_zero_not_nan():

@@ -17,6 +17,7 @@ def discriminator_loss(
     policy: dict[str, torch.Tensor],
     valid: torch.Tensor,
     reg: float = 1e-3,
+    distinct: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_D = mean_valid −log σ(t_v − p_v) + mean_valid −log σ(t_r − p_r) + reg · mean_valid (t_v² + p_v² + t_r² + p_r²)/4.
 
@@ -25,6 +26,9 @@ def discriminator_loss(
     are compared). Metrics per expert: `acc` (teacher scored higher), `teacher` / `policy` mean
     scores, `gap` (teacher − policy). With no valid rollout the loss is 0 (keeping the graph, so a
     backward pass is still a no-op in every process) and `no_valid` is 1.
+    distinct (metrics only): {"perception": [N] bool, ...}, rollouts whose section differs from the
+    reference's. A rollout that copies the reference's caption cannot be told apart from it, so
+    `acc` counts it as a miss; `acc_distinct` is the accuracy over the distinguishable pairs only.
     """
     valid = valid.bool()
     n_valid = int(valid.sum())
@@ -44,6 +48,11 @@ def discriminator_loss(
             metrics[f"{e}/teacher"] = t.mean().item()
             metrics[f"{e}/policy"] = p.mean().item()
             metrics[f"{e}/gap"] = (t - p).mean().item()
+            if distinct is not None:
+                d = distinct[e].to(valid.device)[valid]
+                metrics[f"{e}/distinct"] = d.float().mean().item()
+                if d.any():
+                    metrics[f"{e}/acc_distinct"] = (t[d] > p[d]).float().mean().item()
     loss = loss + reg * squares / 4
     metrics["loss"] = loss.item()
     return loss, metrics

@@ -131,7 +131,7 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
     params = disc.trainable_parameters()
     disc.train()
     sums: dict[str, float] = {}
-    weight = 0.0
+    weights: dict[str, float] = {}  # each metric's own weight: valid rollouts (distinct ones for acc_distinct)
     mb = cfg.discriminator.micro_batch_size
     for start in range(0, len(prompts), mb):
         batch = prompts[start: start + mb]
@@ -149,14 +149,18 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
                 if o.aux_loss is not None:
                     aux = aux + cfg.discriminator.aux_loss_coef * o.aux_loss
         v = valid[rows].to(device)
-        loss, m = discriminator_loss(teacher, policy, v, cfg.discriminator.reg)
+        distinct = {comp: torch.tensor([getattr(p, SECTION_OF[comp]) != getattr(r, SECTION_OF[comp])
+                                        for p, r in zip(parsed, (r for r in refs for _ in range(G)))])
+                    for comp in COMPONENTS}
+        loss, m = discriminator_loss(teacher, policy, v, cfg.discriminator.reg, distinct)
         share = float(v.sum()) / max(n_valid, 1.0)
         (loss * share + aux * len(batch) / len(prompts)).backward()
         if m["n_valid"]:
             for k, val in m.items():
                 if k not in ("no_valid", "n_valid"):
-                    sums[k] = sums.get(k, 0.0) + val * m["n_valid"]
-            weight += m["n_valid"]
+                    key_weight = m["n_valid"] * (m[k.replace("acc_distinct", "distinct")] if "acc_distinct" in k else 1)
+                    sums[k] = sums.get(k, 0.0) + val * key_weight
+                    weights[k] = weights.get(k, 0.0) + key_weight
         if torch.is_tensor(aux):
             sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux) * len(batch)
     _sync_grads(params, accelerator)
@@ -164,7 +168,7 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
         torch.nn.utils.clip_grad_norm_(params, cfg.discriminator.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {k: v / max(weight, 1.0) for k, v in sums.items() if k != "aux_loss"}
+    metrics = {k: v / max(weights[k], 1e-9) for k, v in sums.items() if k != "aux_loss"}
     if "aux_loss" in sums:
         metrics["aux_loss"] = sums["aux_loss"] / len(prompts)
     metrics["no_valid"] = float(n_valid == 0)  # nothing to compare this step: D was left unchanged
@@ -215,7 +219,7 @@ def warmup(cfg: AlignConfig, accelerator, policy, processor, disc: MoEDiscrimina
         if not held_out:
             return {}
         acc = pairwise_accuracy(disc, held_out, [ex.response for ex in held_out], [negative[id(ex)] for ex in held_out])
-        return {f"{prefix}/{k}_acc": v for k, v in acc.items()}
+        return {f"{prefix}/{k}" if k.endswith("_pairs") else f"{prefix}/{k}_acc": v for k, v in acc.items()}
 
     metrics = accuracy("warmup_before")
     bar = tqdm(range(w.steps), desc="warm-start", disable=not accelerator.is_main_process, dynamic_ncols=True)

@@ -78,7 +78,16 @@ def pair_loss(disc: MoEDiscriminator, examples: Sequence[Example], teacher: Sequ
 @torch.no_grad()
 def pairwise_accuracy(disc: MoEDiscriminator, examples: Sequence[Example], teacher: Sequence[str],
                       negative: Sequence[str], batch_size: int = 16) -> dict[str, float]:
-    """Fraction of pairs where each expert scores the teacher's section above the negative's."""
+    """Per expert, the fraction of pairs whose sections differ where the teacher's section scores
+    higher (a negative with the reference's very caption cannot be told apart; such pairs are left
+    out, and `<expert>_pairs` says how many were compared)."""
     t = disc.score(examples, teacher, batch_size)
     n = disc.score(examples, negative, batch_size)
-    return {comp: float((t[comp] > n[comp]).float().mean()) for comp in COMPONENTS}
+    out = {}
+    for comp in COMPONENTS:
+        sec = SECTION_OF[comp]
+        differ = torch.tensor([getattr(parse_response(a), sec) != getattr(parse_response(b), sec)
+                               for a, b in zip(teacher, negative)])
+        out[comp] = float((t[comp] > n[comp])[differ].float().mean()) if differ.any() else float("nan")
+        out[f"{comp}_pairs"] = float(differ.sum())
+    return out

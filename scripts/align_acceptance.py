@@ -1,0 +1,131 @@
+"""Does ALIGN move a drifted SFT policy toward the curated references? Warm-start check + the game, 2 seeds.
+
+    OMP_NUM_THREADS=1 python scripts/align_acceptance.py [--workdir runs/align-acceptance] [--seeds 0 1] \
+        [--align-steps 60] [--parallel 2] [--align-overrides discriminator.text_only=true ...]
+
+1. tiny model + `prism-synth` (3x3 grids, yellow captioned as blue in 60 % of its cells and 80 % terse
+   traces in the public pool) and SFT on that drifted public pool (`configs/sft/public.yaml`);
+2. warm-start check: `prism-align warmup` with corrupted references as negatives (one caption cell,
+   one reasoning step changed); held-out pairwise accuracy per expert;
+3. the game, `prism-align` from the SFT checkpoint (`configs/align/demo.yaml`, warm-start on SFT
+   samples), once per seed, `--parallel` runs at a time with one thread each;
+4. `prism-eval` of the SFT checkpoint and of each ALIGN run on the test split: sampled (temperature 1)
+   and greedy answer accuracy, caption exact match, error split, drift from the references.
+
+Prints the before / after table, the per-step curves of each run (discriminator accuracy per expert,
+teacher − policy gap, rollout caption match and accuracy) and writes WORKDIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+CURVE_KEYS = ("disc/perception/acc", "disc/reasoning/acc", "disc/perception/gap", "disc/reasoning/gap",
+              "rollout/caption_match", "rollout/accuracy", "rollout/format_rate")
+
+
+def sh(*cmd: str, log: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") if log else open(os.devnull, "w") as f:
+        subprocess.run(list(cmd), env=ENV, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
+def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
+    out = model / "eval-test.json"
+    if not out.is_file():
+        sh("prism-eval", "--model", str(model), "--data", str(data), "--samples", str(samples), "--limit", str(limit),
+           "--max-new-tokens", "256", "--out", str(out))
+    r = json.loads(out.read_text())
+    keep = ("accuracy", "caption_match", "format_rate", "error/perception", "error/reasoning")
+    return {"greedy": {k: r["greedy"].get(k) for k in keep}, "sampled": {k: r["sampled"].get(k) for k in keep},
+            "drift": r.get("drift", {})}
+
+
+def curves(run: Path) -> dict[str, list]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {k: [(r["step"], r[k]) for r in rows if k in r and r["step"] > 0] for k in CURVE_KEYS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("runs/align-acceptance"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--align-steps", type=int, default=60)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--limit", type=int, default=300)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--align-overrides", nargs="*", default=[])
+    a = p.parse_args()
+    w = a.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    model, data = w / "tiny-model", w / "data"
+    if not (model / "config.json").is_file():
+        sh("prism-tiny", "--out", str(model))
+    if not (data / "meta.json").is_file():
+        sh("prism-synth", "--out", str(data), "--n", "4000", "--seed", "0")
+    sft = w / "sft" / f"checkpoint-{a.sft_steps:06d}"
+    if not (sft / "trainer_state.json").is_file():
+        sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/public.yaml", f"model.path={model}",
+           f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w}/sft",
+           f"train.max_steps={a.sft_steps}", f"train.save_every={a.sft_steps}", log=w / "sft.log")
+    test = data / "test.jsonl"
+    common = [f"model.path={sft}", f"discriminator.path={model}", f"data.train={data}/align.jsonl", "data.eval=null"]
+
+    # warm-start alone, against corrupted references: can each expert tell one wrong cell / one wrong step?
+    warm = w / "warmup-corrupt"
+    if not (warm / "warmup" / "metrics.json").is_file():
+        sh(sys.executable, "-m", "prism.align.train", "warmup", "--config", "configs/align/demo.yaml", *common,
+           f"train.output_dir={warm}", "warmup.negatives=corrupt", "warmup.steps=150", "warmup.eval_pairs=64",
+           log=w / "warmup-corrupt.log")
+    warm_metrics = json.loads((warm / "warmup" / "metrics.json").read_text())
+
+    before = evaluate(sft, test, a.samples, a.limit)
+
+    def run(seed: int):
+        out = w / f"align-seed{seed}"
+        ckpt = out / f"checkpoint-{a.align_steps:06d}"
+        if not (ckpt / "trainer_state.json").is_file():
+            seconds = sh(sys.executable, "-m", "prism.align.train", "--config", "configs/align/demo.yaml", *common,
+                         f"train.output_dir={out}", f"train.seed={seed}", f"train.max_steps={a.align_steps}",
+                         f"train.save_every={a.align_steps}", *a.align_overrides, log=w / f"align-seed{seed}.log")
+            (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        seconds = float((out / "wall_seconds.txt").read_text()) if (out / "wall_seconds.txt").is_file() else None
+        return seed, evaluate(ckpt, test, a.samples, a.limit), curves(out), seconds
+
+    with ThreadPoolExecutor(a.parallel) as pool:
+        results = list(pool.map(run, a.seeds))
+    summary = {"warmup_corrupt": warm_metrics, "sft": before,
+               "runs": {f"seed{s}": {"eval": e, "curves": c, "wall_seconds": sec} for s, e, c, sec in results}}
+    (w / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    print("warm-start vs corrupted references, held-out pairwise accuracy: "
+          f"perception {warm_metrics.get('warmup/perception_acc')}, reasoning {warm_metrics.get('warmup/reasoning_acc')}")
+    keys = ("accuracy", "caption_match", "error/perception", "error/reasoning")
+    for mode in ("sampled", "greedy"):
+        print(f"\n{mode}: " + " | ".join(f"{k}" for k in keys))
+        print("  SFT (public pool)  " + " | ".join(f"{100 * before[mode][k]:.1f}" for k in keys))
+        vals = {k: [e[mode][k] for _, e, _, _ in results] for k in keys}
+        print("  after ALIGN        " + " | ".join(
+            f"{100 * statistics.fmean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+            for v in vals.values()))
+    for seed, _, c, sec in results:
+        print(f"\nseed {seed} ({sec / 60:.1f} min)" if sec else f"\nseed {seed}")
+        for k, pts in c.items():
+            sample = pts[:: max(1, len(pts) // 8)]
+            print(f"  {k:24} " + " ".join(f"{v:.2f}" for _, v in sample))
+
+
+if __name__ == "__main__":
+    main()

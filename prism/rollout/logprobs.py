@@ -4,14 +4,20 @@ reference and evaluation alike.
     log_probs, entropy = token_log_probs(model, rollouts, temperature=1.0, chunk_size=16, with_entropy=True)
 
 The forward runs on [prompt ; response] in the layout generation used (left-padded prompt,
-right-padded response), keeps logits only for the response positions (`logits_to_keep`), and
-reduces them to per-token log-probs chunk by chunk over rows, so [N, T, V] is never
-materialised for the whole batch. Gradients flow when called with grad enabled.
+right-padded response). Logits are never materialised for the whole [N, T, V] batch: rows go
+through the model `chunk_size` at a time, and inside a forward the final hidden states of the
+response positions (captured at the decoder's last norm) go through the output head
+`logits_chunk` tokens at a time — under gradients each slice is checkpointed, so its [tokens, V]
+logits are recomputed in the backward pass instead of being kept. Peak logits memory is then
+logits_chunk × V floats (e.g. 2048 × 151,936 × 4 B = 1.2 GB for Qwen vocabularies) whatever the
+batch and response length.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from prism.rollout.engine import Rollouts
 
@@ -20,9 +26,9 @@ def logits_to_log_probs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy
                         suppress: torch.Tensor | None = None):
     """log softmax(logits)[tokens] and (optionally) the entropy of softmax(logits).
 
-    logits: [n, T, V]; tokens: [n, T]; suppress: ids the sampler never emits (their logits are
+    logits: [..., V]; tokens: [...]; suppress: ids the sampler never emits (their logits are
     −inf here too, so these log-probs are those of the distribution that was sampled from).
-    Returns ([n, T] float32, [n, T] float32 | None). Computed as logit − logsumexp in float32.
+    Returns ([...] float32, [...] float32 | None). Computed as logit − logsumexp in float32.
     """
     logits = logits.float()
     if suppress is not None and len(suppress):
@@ -32,8 +38,39 @@ def logits_to_log_probs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy
     entropy = None
     if with_entropy:
         p = torch.softmax(logits, dim=-1)
-        entropy = -torch.special.xlogy(p, p).sum(-1)  # 0 · log 0 = 0 for suppressed ids
+        # H = lse − Σ p·logit, over finite logits (a suppressed id has p = 0 and must not give 0 · ∞)
+        entropy = lse - (p * torch.where(torch.isfinite(logits), logits, 0.0)).sum(-1)
     return log_probs, entropy
+
+
+def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False, suppress: torch.Tensor | None = None, logits_chunk: int = 2048):
+    """Log-probs (and entropies) of `tokens` [n, T] from final hidden states `hidden` [n, T, H] through the
+    output `head`, `logits_chunk` tokens at a time (checkpointed when gradients are on)."""
+    n, T, H = hidden.shape
+    flat_h, flat_t = hidden.reshape(n * T, H), tokens.reshape(n * T)
+
+    def piece(h: torch.Tensor, t: torch.Tensor):
+        lp, ent = logits_to_log_probs(F.linear(h, head.weight, head.bias) / temperature, t, with_entropy, suppress)
+        return (lp, ent) if with_entropy else (lp,)
+
+    lps, ents = [], []
+    for s in range(0, n * T, logits_chunk):
+        h, t = flat_h[s: s + logits_chunk], flat_t[s: s + logits_chunk]
+        out = checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t)
+        lps.append(out[0])
+        if with_entropy:
+            ents.append(out[1])
+    lp = torch.cat(lps).view(n, T) if lps else hidden.new_zeros(n, T, dtype=torch.float32)
+    ent = (torch.cat(ents).view(n, T) if ents else torch.zeros_like(lp)) if with_entropy else None
+    return lp, ent
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The *ForConditionalGeneration model inside DDP / DeepSpeed / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def token_log_probs(
@@ -42,14 +79,18 @@ def token_log_probs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    logits_chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [N, T] of `rollouts.response_ids` under `model` (0 outside the mask).
 
     temperature: logits are divided by it (match the sampling temperature; 0 is treated as 1).
     chunk_size: rows per forward (None: all at once). with_entropy: also return [N, T] entropies.
+    logits_chunk: tokens per output-head slice (bounds the logits memory; see the module doc).
     """
     device = next(model.parameters()).device
     temperature = temperature if temperature > 0 else 1.0
+    base = _unwrapped(model)
+    head, final_norm = base.get_output_embeddings(), base.get_decoder().norm
     n = len(rollouts)
     step = chunk_size or max(n, 1)
     lps, ents = [], []
@@ -61,9 +102,17 @@ def token_log_probs(
             ents.append(part.log_probs.new_zeros(len(part), 0))
             continue
         inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
-        logits = model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-        lp, ent = logits_to_log_probs(logits / temperature, part.response_ids.to(device), with_entropy,
-                                      part.meta.get("suppress_ids"))
+        captured = []
+        hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
+        try:
+            # logits_to_keep=1: the model's own head only sees the last position; the response
+            # positions go through `head_log_probs` below, a slice at a time.
+            model(**inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            hook.remove()
+        hidden = captured[-1][:, -(T + 1):-1]  # position t predicts response token t
+        lp, ent = head_log_probs(hidden, head, part.response_ids.to(device), temperature, with_entropy,
+                                 part.meta.get("suppress_ids"), logits_chunk)
         mask = part.response_mask.to(device)
         lps.append(lp.masked_fill(~mask, 0.0))
         if with_entropy:

@@ -81,11 +81,13 @@ def save_checkpoint(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     keep_last: int | None = None,
+    every_rank: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically; every process calls this.
 
     `write(tmp_dir)` is called on rank 0 only and writes the model, processor, optimizer, ...
-    Each rank adds its RNG state. `state` (JSON-able) becomes trainer_state.json, written last.
+    Each rank adds its RNG state, and `every_rank(tmp_dir)` if given (e.g. DeepSpeed's sharded
+    optimizer states, a collective call). `state` (JSON-able) becomes trainer_state.json, written last.
     """
     root = Path(output_dir)
     final = checkpoint_dir(root, step)
@@ -96,6 +98,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+    if every_rank is not None:
+        every_rank(tmp)
     if rank == 0:
         write(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
 from prism.checkpoint import load_trainer_state, save_checkpoint
 from prism.config import save_config
@@ -33,15 +35,77 @@ class NonFiniteLossError(RunError):
     """A NaN/inf loss or gradient: the run stops without saving, keeping the last good checkpoint."""
 
 
+def make_accelerator(cpu: bool = False) -> Accelerator:
+    """The run's Accelerator. Without a GPU it runs on the CPU: plain processes or DDP over gloo, and
+    DeepSpeed when launched with a DeepSpeed config (accelerate's `cpu=True` would silently fall back
+    to DDP, and without an explicit gloo backend it would see every process as rank 0 of 1)."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not torch.cuda.is_available() and deepspeed and not cpu:
+        return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(cpu=cpu or not torch.cuda.is_available())
+
+
 def setup_run(cfg) -> tuple[Accelerator, Path]:
     """Accelerator (CPU unless a GPU is visible and not disabled), seeds, output dir + resolved config."""
-    accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
+    accelerator = make_accelerator(cpu=cfg.train.cpu)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     return accelerator, out
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+@contextmanager
+def accumulating(accelerator: Accelerator, model, last: bool):
+    """Forward + backward of one micro-batch of an optimizer step; gradients are synchronised (DDP)
+    or the DeepSpeed engine steps (clipping, optimizer, zero-grad) only on the `last` one.
+
+    prism normalises every micro-batch loss by the whole step's token / sequence count, so the
+    accumulated gradient is already the step's mean: use `backward` below, which keeps DeepSpeed
+    from dividing by its own gradient_accumulation_steps as well.
+    """
+    if is_deepspeed(accelerator):
+        accelerator.sync_gradients = last
+        try:
+            yield
+        finally:
+            accelerator.sync_gradients = True
+    else:
+        with nullcontext() if last else accelerator.no_sync(model):
+            yield
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
+    """`accelerator.backward` for a loss that already is its share of the step's mean (see `accumulating`)."""
+    if is_deepspeed(accelerator):
+        accelerator.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):
+    """`accelerator.prepare(model, optimizer)`. prism batches by itself (no dataloader), so under DeepSpeed
+    the per-process micro-batch size is given to its config here (it only enters DeepSpeed's
+    bookkeeping: prism's own accumulation decides when the engine steps, see `accumulating`)."""
+    if is_deepspeed(accelerator):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["train_batch_size"] = micro_batch_size * ds.get("gradient_accumulation_steps", 1) * accelerator.num_processes
+    return accelerator.prepare(model, optimizer)
+
+
+def clip_grad_norm(accelerator: Accelerator, params, max_norm: float | None) -> float:
+    """Clip the global gradient norm and return it (NaN when not clipping). Under DeepSpeed the engine
+    clips with its own `gradient_clipping` when it steps; this returns the norm it measured."""
+    if not max_norm:
+        return float("nan")
+    norm = accelerator.clip_grad_norm_(params, max_norm)
+    return float(norm) if norm is not None else float("nan")
 
 
 def micro_batch_indices(n: int, k: int, batch_size: int, world: int, rank: int, seed: int) -> list[int]:
@@ -77,27 +141,50 @@ def save_policy_checkpoint(cfg, accelerator: Accelerator, step: int, model, proc
     """Atomic checkpoint of a policy: weights (or adapter, + merged), processor, optimizer, scheduler,
     resolved config, RNG states and `state` (trainer_state.json). `extra(tmp_dir)` adds stage files."""
 
+    deepspeed = is_deepspeed(accelerator)
+    # ZeRO-3 shards the weights themselves: gather a full state dict (a collective) for rank 0 to write.
+    state_dict = accelerator.get_state_dict(model) if deepspeed else None
+
     def write(tmp: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(tmp)
         if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
             merged = copy.deepcopy(unwrapped).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             processor.save_pretrained(tmp / "merged")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not deepspeed:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_config(cfg, tmp / "config.yaml")
         if extra is not None:
             extra(tmp)
 
+    def sharded_optimizer(tmp: Path) -> None:  # every process writes its own optimizer shard
+        model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state", save_latest=False)
+
     return save_checkpoint(cfg.train.output_dir, step, write, state, rank=accelerator.process_index,
-                           barrier=accelerator.wait_for_everyone, keep_last=cfg.train.keep_last)
+                           barrier=accelerator.wait_for_everyone, keep_last=cfg.train.keep_last,
+                           every_rank=sharded_optimizer if deepspeed else None)
 
 
-def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int) -> dict:
-    """Load optimizer / scheduler / RNG state of a checkpoint; returns its trainer state."""
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+DEEPSPEED_DIR = "deepspeed"
+
+
+def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None) -> dict:
+    """Load optimizer / scheduler / RNG state of a checkpoint; returns its trainer state.
+
+    Under DeepSpeed (`model` is its engine) the optimizer states are the engine's sharded
+    checkpoint, which needs the same number of processes as the run that wrote it.
+    """
+    if (ckpt / DEEPSPEED_DIR).is_dir():
+        if model is None or not hasattr(model, "load_checkpoint"):
+            raise RunError(f"train.resume: {ckpt} holds DeepSpeed optimizer shards; resume it under DeepSpeed "
+                           "with the same accelerate config and number of processes")
+        model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag="state", load_optimizer_states=True,
+                              load_lr_scheduler_states=False, load_module_only=False)
+    else:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     state = load_trainer_state(ckpt, rank)
     log.info("resumed from %s at step %d", ckpt, state["step"])

@@ -15,12 +15,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from accelerate import Accelerator
 
 from prism.align.discriminator import MoEDiscriminator
 from prism.align.train import discriminator_update
 from prism.config import AlignConfig, ModelSettings, load_config
 from prism.data.formats import load_examples
+from prism.loop import make_accelerator, prepare
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.rl.update import policy_update
@@ -31,7 +31,7 @@ B, G = 4, 3
 
 def main(model_dir: str, data_dir: str, out_file: str) -> None:
     torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)
+    acc = make_accelerator()
     rank, world = acc.process_index, acc.num_processes
     cfg = load_config(AlignConfig, None, [f"rollout.group_size={G}", "algo.micro_batch_size=2", "algo.mini_batches=1",
                                           "algo.ppo_epochs=2", "discriminator.micro_batch_size=1"])
@@ -47,11 +47,13 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
 
     # --- the policy update (DDP-wrapped policy, as in prism-rl / prism-align)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.5)  # plain SGD: the update is the gradient itself
-    model, optimizer = acc.prepare(model, optimizer)
+    # plain SGD: the update is the (clipped) gradient itself. Clipping at 1.0 is also what the DeepSpeed
+    # config of configs/accelerate/zero2_cpu.yaml does inside its engine.
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    model, optimizer = prepare(acc, model, optimizer, 2)
     torch.manual_seed(1)  # the mini-batch shuffle
     metrics = policy_update(model, optimizer, acc, rollouts.select(mine), advantages[mine], cfg.algo,
-                            temperature=1.0, logprob_chunk_size=2, params=params, max_grad_norm=None)
+                            temperature=1.0, logprob_chunk_size=2, params=params, max_grad_norm=1.0)
 
     # --- the discriminator update (not DDP-wrapped: gradients summed by prism.align.train._sync_grads)
     torch.manual_seed(2)
@@ -66,8 +68,8 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
     if rank == 0:
         policy = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
         heads = {k: v.detach().clone() for k, v in disc.state_dict().items() if "lora_" in k or "heads." in k}
-        torch.save({"policy": policy, "disc": heads, "loss": metrics["loss"], "d_loss": d_metrics.get("loss")},
-                   out_file)
+        torch.save({"policy": policy, "disc": heads, "loss": metrics["loss"], "d_loss": d_metrics.get("loss"),
+                    "distributed_type": str(acc.distributed_type), "processes": world}, out_file)
     acc.wait_for_everyone()
 
 

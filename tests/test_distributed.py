@@ -1,6 +1,7 @@
-"""Multi-process paths with 2 CPU processes (gloo): the RL / ALIGN updates give the same weights as one
-process with the same global batch, and prism-rl / prism-align run under accelerate without hanging,
-save once, and resume on a different number of processes."""
+"""Multi-process paths with 2 CPU processes (gloo), under DDP and DeepSpeed ZeRO-2: the SFT, RL and ALIGN
+updates give the same losses and weights as one process with the same global batch, and prism-rl /
+prism-align run under accelerate without hanging, save once, and resume (DDP: on a different number
+of processes; DeepSpeed: from its sharded optimizer states)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prism.data.synthetic import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml")]
+ZERO2 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/zero2_cpu.yaml")]
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -28,17 +30,19 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0", **kw.pop("env", {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900, **kw)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
-def test_rl_and_align_updates_do_not_depend_on_the_number_of_processes(tiny_model_dir, synth_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["ddp", "zero2"])
+def test_rl_and_align_updates_do_not_depend_on_the_number_of_processes(tiny_model_dir, synth_dir, tmp_path, launcher):
     script = str(REPO / "tests/dist_check.py")
     _run([sys.executable, script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "one.pt")])
-    _run([*LAUNCH, script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "two.pt")])
+    _run([*(LAUNCH if launcher == "ddp" else ZERO2), script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "two.pt")])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["processes"] == 2 and two["distributed_type"].endswith("DEEPSPEED" if launcher == "zero2" else "MULTI_CPU")
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
     moved = 0
     for part in ("policy", "disc"):
@@ -94,3 +98,40 @@ def test_prism_align_on_two_processes(tiny_model_dir, synth_dir, tmp_path):
     assert (out / "checkpoint-000002" / "discriminator" / "discriminator.json").is_file()
     assert (out / "warmup" / "metrics.json").is_file()
     assert _steps(out) == [0, 1, 2]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_sft_under_zero2_with_accumulation_matches_one_process(tiny_model_dir, synth_dir, tmp_path):
+    """DeepSpeed steps once per 2 micro-batches and does not divide prism's already-normalised loss again."""
+    common = [f"model.path={tiny_model_dir}", f"data.train={synth_dir}/curated.jsonl", "data.eval=null",
+              "train.max_steps=3", "train.grad_accum=2", "optim.lr=1e-3", "optim.warmup_ratio=0",
+              "logging.tensorboard=false", "train.save_every=2", "train.keep_last=5"]
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}",
+          "train.batch_size=4"])
+    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z2'}", "train.batch_size=2"])
+    one, z2 = _losses(tmp_path / "one"), _losses(tmp_path / "z2")
+    assert sorted(z2) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert z2[step] == pytest.approx(one[step], abs=1e-4), (step, one[step], z2[step])
+    assert (tmp_path / "z2/checkpoint-000002/deepspeed").is_dir()  # sharded optimizer states
+    # resume the ZeRO-2 run from step 2: step 3 comes out the same
+    resumed = tmp_path / "z2-resumed"
+    resumed.mkdir()
+    os.symlink(tmp_path / "z2/checkpoint-000002", resumed / "checkpoint-000002")
+    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.batch_size=2"])
+    assert _losses(resumed)[3] == pytest.approx(z2[3], abs=1e-6)
+
+
+def test_prism_rl_and_align_under_zero2(tiny_model_dir, synth_dir, tmp_path):
+    rl = tmp_path / "rl"
+    _run([*ZERO2, "-m", "prism.rl.train", *_overrides(tiny_model_dir, synth_dir, rl, **{
+        "data.train": f"{synth_dir}/rl.jsonl", "algo.name": "grpo", "algo.mini_batches": 2,
+        "reward.functions": '{"format": 0.5, "accuracy": 0.5}'})])
+    assert _steps(rl) == [1, 2] and (rl / "checkpoint-000002" / "model.safetensors").is_file()
+    align = tmp_path / "align"
+    _run([*ZERO2, "-m", "prism.align.train", *_overrides(tiny_model_dir, synth_dir, align, **{
+        "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 0})])
+    assert _steps(align) == [1, 2] and (align / "checkpoint-000002" / "discriminator").is_dir()

@@ -47,7 +47,7 @@ from prism.config import AlignConfig, ConfigError, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
 from prism.data.synthetic import caption_matches_scene
-from prism.loop import (check_finite, evaluate_policy, micro_batch_indices, restore_optimizer,
+from prism.loop import (check_finite, evaluate_policy, micro_batch_indices, prepare, restore_optimizer,
                         save_policy_checkpoint, setup_run)
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
@@ -274,12 +274,12 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
                             num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
                             num_training_steps=cfg.train.max_steps)
     opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
-    policy, opt_p = accelerator.prepare(policy, opt_p)
+    policy, opt_p = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size)
 
     start, metrics = 0, {}
     if resume_from is not None:
-        start = restore_optimizer(resume_from, opt_p, sched_p, rank)["step"]
+        start = restore_optimizer(resume_from, opt_p, sched_p, rank, model=policy)["step"]
         opt_d.load_state_dict(torch.load(resume_from / "disc_optimizer.pt", weights_only=False))
     tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
     if start == 0 and cfg.warmup.steps > 0:

@@ -32,7 +32,8 @@ from prism.checkpoint import resolve_resume
 from prism.config import ConfigError, RLConfig, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
-from prism.loop import RunError, evaluate_policy, micro_batch_indices, restore_optimizer, save_policy_checkpoint, setup_run
+from prism.loop import (RunError, evaluate_policy, micro_batch_indices, prepare, restore_optimizer,
+                        save_policy_checkpoint, setup_run)
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
@@ -171,13 +172,13 @@ def train(cfg: RLConfig) -> dict:
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
                               num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
                               num_training_steps=cfg.train.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 
     start = 0
     if resume_from is not None:
-        state = restore_optimizer(resume_from, optimizer, scheduler, rank)
+        state = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model)
         start, collector.cursor = state["step"], state["cursor"]
 
     tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)

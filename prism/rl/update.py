@@ -16,12 +16,10 @@ spent; otherwise they are recomputed once, before the first step, with the same 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from prism.config import AlgoSettings
-from prism.loop import check_finite
+from prism.loop import accumulating, backward, check_finite, clip_grad_norm
 from prism.losses.aggregate import aggregate_loss, masked_mean
 from prism.losses.kl import kl_penalty
 from prism.losses.policy import ALGORITHMS, compute_policy_loss
@@ -77,8 +75,7 @@ def policy_update(
             loss_total = 0.0
             for m, idx in enumerate(micro):
                 part = rollouts.select(idx)
-                sync = accelerator.no_sync(model) if m < len(micro) - 1 else nullcontext()
-                with sync:
+                with accumulating(accelerator, model, last=m == len(micro) - 1):
                     log_probs, entropy = token_log_probs(model, part, temperature, with_entropy=True)
                     mask = part.response_mask.to(device)
                     T = mask.shape[1]
@@ -92,15 +89,14 @@ def policy_update(
                                                                     num_seqs=num_seqs)
                         pm["kl"] = masked_mean(kl.detach(), mask).item()
                     # DDP averages gradients over processes; the loss is already a share of the global mean.
-                    accelerator.backward(loss * world)
+                    backward(accelerator, loss * world)
                 tokens = float(mask.sum())
                 pm["entropy"] = masked_mean(entropy.detach(), mask).item()
                 for k, v in pm.items():
                     sums[k] = sums.get(k, 0.0) + v * tokens
                 weight += tokens
                 loss_total += loss.item()
-            grad_norm = (accelerator.clip_grad_norm_(params, max_grad_norm).item() if max_grad_norm
-                         else float("nan"))
+            grad_norm = clip_grad_norm(accelerator, params, max_grad_norm)
             check_finite(step, out_dir, loss=loss_total, **({"grad_norm": grad_norm} if max_grad_norm else {}))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

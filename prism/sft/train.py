@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +31,8 @@ from prism.config import SFTConfig, load_config
 from prism.data.collate import SFTCollator, token_length
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
-from prism.loop import (NonFiniteLossError, check_finite, evaluate_policy, micro_batch_indices,  # noqa: F401
-                        restore_optimizer, save_policy_checkpoint, setup_run)
+from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
+                        evaluate_policy, micro_batch_indices, prepare, restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
@@ -75,11 +74,11 @@ def train(cfg: SFTConfig) -> dict:
     scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
                               num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
                               num_training_steps=cfg.train.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer, cfg.train.batch_size)
 
     start = 0
     if resume_from is not None:
-        start = restore_optimizer(resume_from, optimizer, scheduler, rank)["step"]
+        start = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model)["step"]
 
     tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not accelerator.is_main_process,
@@ -100,15 +99,14 @@ def train(cfg: SFTConfig) -> dict:
         for m, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            with accelerator.no_sync(model) if m < accum - 1 else nullcontext():
+            with accumulating(accelerator, model, last=m == accum - 1):
                 logits = model(**batch).logits
                 nll, _ = shifted_token_nll(logits, labels)
                 # DDP averages gradients over processes, hence the factor `world`.
-                accelerator.backward(nll * world / n_tokens)
+                backward(accelerator, nll * world / n_tokens)
             nll_total += nll.detach()
         loss = accelerator.reduce(nll_total, "sum").item() / n_tokens
-        grad_norm = (accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm).item()
-                     if cfg.optim.max_grad_norm else float("nan"))
+        grad_norm = clip_grad_norm(accelerator, params, cfg.optim.max_grad_norm)
         check_finite(step, out, loss=loss, **({"grad_norm": grad_norm} if cfg.optim.max_grad_norm else {}))
         optimizer.step()
         scheduler.step()

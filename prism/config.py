@@ -232,6 +232,8 @@ class DiscriminatorSettings(Section):
     micro_batch_size: int = Field(8, gt=0)
     """Prompts per discriminator forward (each with its G rollouts and its reference)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    """Recompute the discriminator backbone's activations in the backward pass."""
 
 
 class AlignSettings(Section):

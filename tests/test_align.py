@@ -292,3 +292,19 @@ def test_bad_alignment_data_and_config(tiny_model_dir, synth_dir, tmp_path):
         _cfg(tiny_model_dir, synth_dir, tmp_path, **{"align.alpha": 1.2})
     with pytest.raises(ConfigError, match="no KL term"):
         align.train(_cfg(tiny_model_dir, synth_dir, tmp_path, **{"algo.kl_coef": 0.1}))
+
+
+def test_discriminator_gradient_checkpointing_changes_no_score_and_no_gradient(tiny_model_dir, examples):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA and head initialisation for both
+        d = MoEDiscriminator.from_pretrained(tiny_model_dir, gradient_checkpointing=checkpointing)
+        d.train()
+        scores = d(d.encode(examples, ["row 1: red"] * len(examples), "reasoning"), "reasoning").scores
+        scores.sum().backward()
+        grads = {n: p.grad.clone() for n, p in d.expert_parameters("reasoning").items() if p.grad is not None}
+        results.append((scores.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 10
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-6, rtol=1e-5)

@@ -66,6 +66,8 @@ class DiscriminatorConfig:
     """Weight of the router's load-balancing loss (upcycled)."""
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's layer activations in the backward pass (long responses, big backbones)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -160,6 +162,8 @@ class MoEDiscriminator(nn.Module):
             backbone = base
             for name, p in base.named_parameters():  # the language model trains; vision stays frozen
                 p.requires_grad_(".visual." not in f".{name}")
+        if config.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(backbone, processor, config, source=backbone_dir)
 
     @staticmethod

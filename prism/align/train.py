@@ -95,7 +95,8 @@ def check_config(cfg: AlignConfig) -> None:
 def build_discriminator(cfg: AlignConfig, path: str | Path) -> MoEDiscriminator:
     d = cfg.discriminator
     overrides = dict(experts=d.experts, dense=d.dense, text_only=d.text_only, score_clip=d.score_clip,
-                     lora_r=d.lora_r, lora_alpha=d.lora_alpha, aux_loss_coef=d.aux_loss_coef, dtype=cfg.model.dtype)
+                     lora_r=d.lora_r, lora_alpha=d.lora_alpha, aux_loss_coef=d.aux_loss_coef, dtype=cfg.model.dtype,
+                     gradient_checkpointing=d.gradient_checkpointing)
     return MoEDiscriminator.from_pretrained(path, **overrides)
 
 

@@ -23,7 +23,8 @@ from prism.rewards import answer_correct
 
 
 def score_responses(examples: Sequence[Example], responses: Sequence[str]) -> dict[str, float]:
-    """Mean metrics over examples (see module doc); `acc/<type>` per `question_type` when present."""
+    """Mean metrics over examples (see module doc); `acc/<type>` per `question_type` and `acc/<g>x<g>`
+    per grid size when the examples carry them."""
     from prism.data.synthetic import caption_matches_scene
 
     n = len(examples)
@@ -47,6 +48,8 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str]) -> di
             counts[f"error_{kind}"] += 1
         if "question_type" in ex.meta:
             per_type[ex.meta["question_type"]].append(correct)
+        if "grid" in ex.meta:
+            per_type[f"{ex.meta['grid']}x{ex.meta['grid']}"].append(correct)
     metrics = {"accuracy": counts["correct"] / n, "format_rate": counts["valid"] / n, "n": float(n)}
     for kind in ("format", "perception", "reasoning"):
         metrics[f"error/{kind}"] = counts[f"error_{kind}"] / n

@@ -106,6 +106,9 @@ class TrainSettings(RunSettings):
     """Micro-batch size per process."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)."""
+    micro_token_budget: int | None = Field(None, gt=0)
+    """Split each micro-batch into forwards of at most this many padded tokens (examples x longest),
+    similar lengths together; the batch and so the update stay the same, peak memory drops."""
 
 
 class RLTrainSettings(RunSettings):
@@ -152,6 +155,8 @@ class RolloutSettings(Section):
     """Sequences per `generate` call (bounds generation memory)."""
     logprob_chunk_size: int = Field(32, gt=0)
     """Sequences per forward when computing old / reference log-probs without gradients."""
+    logprob_token_budget: int | None = Field(None, gt=0)
+    """Instead of logprob_chunk_size: sequences per such forward within this many padded tokens."""
 
 
 class AlgoSettings(Section):
@@ -171,6 +176,9 @@ class AlgoSettings(Section):
     """Optimizer steps per pass (the rollout batch is split by prompt groups)."""
     micro_batch_size: int = Field(16, gt=0)
     """Sequences per forward/backward (gradient accumulation inside a mini-batch)."""
+    micro_token_budget: int | None = Field(None, gt=0)
+    """Instead of micro_batch_size: sequences per forward/backward such that sequences x longest
+    (prompt + response) tokens <= this budget (similar lengths grouped; the update is unchanged)."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group std (GRPO); false: only centre them (Dr. GRPO)."""
     kl_coef: float = Field(0.0, ge=0)

@@ -125,3 +125,25 @@ def test_output_head_in_slices_gives_the_same_values_and_gradients(tiny_model_di
     for name in grads[0]:
         assert torch.isfinite(grads[0][name]).all(), name
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_token_budget_batches_by_hand():
+    from prism.rollout.batching import token_budget_batches
+
+    # sorted by length: 2 (row 1), 3 (row 3), 5 (row 0), 9 (row 2). Budget 10: rows 1, 3 cost 2 x 3 = 6;
+    # adding row 0 would cost 3 x 5 = 15, so it starts a batch (1 x 5); row 2 would make it 2 x 9: alone.
+    assert token_budget_batches([5, 2, 9, 3], 10) == [[1, 3], [0], [2]]
+    assert token_budget_batches([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert token_budget_batches([50], 8) == [[0]]  # longer than the budget: alone
+    with pytest.raises(ValueError):
+        token_budget_batches([1], 0)
+
+
+def test_log_probs_under_a_token_budget_equal_the_fixed_chunks(model, tiny_processor):
+    torch.manual_seed(0)
+    r = sample(model, tiny_processor, _examples(), SamplingParams(n=3, temperature=1.0, max_new_tokens=10))
+    with torch.no_grad():
+        a, ea = token_log_probs(model, r, with_entropy=True)
+        b, eb = token_log_probs(model, r, with_entropy=True, token_budget=90)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ea, eb, atol=1e-5, rtol=0)

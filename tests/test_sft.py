@@ -237,3 +237,13 @@ def test_lora_trains_only_adapters_saves_merged_and_resumes(tiny_model_dir, synt
     _run(tiny_model_dir, synth_dir, tmp_path, **{**extra, "train.max_steps": 3})
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
     assert (tmp_path / "checkpoint-000003" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_token_budget_splits_forwards_but_not_the_update(tiny_model_dir, synth_dir, tmp_path):
+    extra = {"train.max_steps": 3, "data.eval": "null", "train.grad_accum": 2}
+    _run(tiny_model_dir, synth_dir, tmp_path / "whole", **extra)
+    _run(tiny_model_dir, synth_dir, tmp_path / "budget", **{**extra, "train.micro_token_budget": 200})
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "budget")
+    for step in (1, 2, 3):
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])

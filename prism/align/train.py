@@ -319,6 +319,7 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
         t2 = time.perf_counter()
         update = policy_update(policy, opt_p, accelerator, rollouts, advantages, cfg.algo,
                                temperature=cfg.rollout.temperature, logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+                               logprob_token_budget=cfg.rollout.logprob_token_budget,
                                params=params, max_grad_norm=cfg.optim.max_grad_norm, step=step, out_dir=out)
         sched_p.step()
         t3 = time.perf_counter()

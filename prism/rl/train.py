@@ -198,9 +198,11 @@ def train(cfg: RLConfig) -> dict:
         if reference is not None:
             with torch.no_grad():
                 ref_log_probs, _ = token_log_probs(reference, rollouts, cfg.rollout.temperature,
-                                                   cfg.rollout.logprob_chunk_size)
+                                                   cfg.rollout.logprob_chunk_size,
+                                                   token_budget=cfg.rollout.logprob_token_budget)
         update = policy_update(model, optimizer, accelerator, rollouts, advantages, cfg.algo,
                                temperature=cfg.rollout.temperature, logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+                               logprob_token_budget=cfg.rollout.logprob_token_budget,
                                params=params, max_grad_norm=cfg.optim.max_grad_norm, ref_log_probs=ref_log_probs,
                                step=step, out_dir=out)
         scheduler.step()

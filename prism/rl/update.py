@@ -23,6 +23,7 @@ from prism.loop import accumulating, backward, check_finite, clip_grad_norm
 from prism.losses.aggregate import aggregate_loss, masked_mean
 from prism.losses.kl import kl_penalty
 from prism.losses.policy import ALGORITHMS, compute_policy_loss
+from prism.rollout.batching import token_budget_batches
 from prism.rollout.engine import Rollouts
 from prism.rollout.logprobs import token_log_probs
 
@@ -45,6 +46,7 @@ def policy_update(
     temperature: float,
     logprob_chunk_size: int,
     params: list[torch.nn.Parameter],
+    logprob_token_budget: int | None = None,
     max_grad_norm: float | None,
     ref_log_probs: torch.Tensor | None = None,
     step: int = 0,
@@ -59,7 +61,8 @@ def policy_update(
     old_all = None
     if not single_pass:
         with torch.no_grad():
-            old_all, _ = token_log_probs(model, rollouts, temperature, logprob_chunk_size)
+            old_all, _ = token_log_probs(model, rollouts, temperature, logprob_chunk_size,
+                                         token_budget=logprob_token_budget)
     overrides = dict(clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg)
 
     sums: dict[str, float] = {}
@@ -71,7 +74,11 @@ def policy_update(
             mask_rows = rollouts.response_mask[rows]
             totals = torch.tensor([float(mask_rows.sum()), float(len(rows))], device=device)
             num_tokens, num_seqs = accelerator.reduce(totals, "sum").tolist()
-            micro = rows.split(algo.micro_batch_size)
+            if algo.micro_token_budget:
+                lengths = (rollouts.prompt["attention_mask"][rows].sum(-1) + rollouts.response_lengths[rows]).tolist()
+                micro = [rows[torch.as_tensor(b)] for b in token_budget_batches(lengths, algo.micro_token_budget)]
+            else:
+                micro = rows.split(algo.micro_batch_size)
             loss_total = 0.0
             for m, idx in enumerate(micro):
                 part = rollouts.select(idx)

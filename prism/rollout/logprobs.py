@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from prism.rollout.batching import token_budget_batches
 from prism.rollout.engine import Rollouts
 
 
@@ -80,46 +81,59 @@ def token_log_probs(
     chunk_size: int | None = None,
     with_entropy: bool = False,
     logits_chunk: int = 2048,
+    token_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [N, T] of `rollouts.response_ids` under `model` (0 outside the mask).
 
     temperature: logits are divided by it (match the sampling temperature; 0 is treated as 1).
-    chunk_size: rows per forward (None: all at once). with_entropy: also return [N, T] entropies.
-    logits_chunk: tokens per output-head slice (bounds the logits memory; see the module doc).
+    chunk_size: rows per forward (None: all at once). token_budget: instead, rows per forward such
+    that rows × longest row ≤ budget (prism.rollout.batching). with_entropy: also return [N, T]
+    entropies. logits_chunk: tokens per output-head slice (bounds the logits memory; module doc).
     """
+    n = len(rollouts)
+    if token_budget:
+        lengths = (rollouts.prompt["attention_mask"].sum(-1) + rollouts.response_lengths).tolist()
+        groups = token_budget_batches(lengths, token_budget)
+    else:
+        step = chunk_size or max(n, 1)
+        groups = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
+    if len(groups) <= 1:
+        return _log_probs(model, rollouts, temperature, with_entropy, logits_chunk)
+    T = rollouts.response_ids.shape[1]
+    device = next(model.parameters()).device
+    lp = torch.zeros(n, T, device=device)
+    ent = torch.zeros(n, T, device=device) if with_entropy else None
+    for rows in groups:
+        part_lp, part_ent = _log_probs(model, rollouts.select(rows), temperature, with_entropy, logits_chunk)
+        idx = torch.as_tensor(rows, device=device)
+        lp = lp.index_put((idx,), torch.nn.functional.pad(part_lp, (0, T - part_lp.shape[1])))
+        if with_entropy:
+            ent = ent.index_put((idx,), torch.nn.functional.pad(part_ent, (0, T - part_ent.shape[1])))
+    return lp, ent
+
+
+def _log_probs(model: torch.nn.Module, part: Rollouts, temperature: float, with_entropy: bool,
+               logits_chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward over all rows of `part`: [n, T] log-probs (and entropies), 0 outside the mask."""
     device = next(model.parameters()).device
     temperature = temperature if temperature > 0 else 1.0
+    T = part.response_ids.shape[1]
+    if T == 0:
+        empty = part.log_probs.new_zeros(len(part), 0, device=device)
+        return empty, (empty if with_entropy else None)
     base = _unwrapped(model)
     head, final_norm = base.get_output_embeddings(), base.get_decoder().norm
-    n = len(rollouts)
-    step = chunk_size or max(n, 1)
-    lps, ents = [], []
-    for start in range(0, n, step):
-        part = rollouts if step >= n else rollouts.select(range(start, min(start + step, n)))
-        T = part.response_ids.shape[1]
-        if T == 0:
-            lps.append(part.log_probs.new_zeros(len(part), 0))
-            ents.append(part.log_probs.new_zeros(len(part), 0))
-            continue
-        inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
-        captured = []
-        hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
-        try:
-            # logits_to_keep=1: the model's own head only sees the last position; the response
-            # positions go through `head_log_probs` below, a slice at a time.
-            model(**inputs, logits_to_keep=1, use_cache=False)
-        finally:
-            hook.remove()
-        hidden = captured[-1][:, -(T + 1):-1]  # position t predicts response token t
-        lp, ent = head_log_probs(hidden, head, part.response_ids.to(device), temperature, with_entropy,
-                                 part.meta.get("suppress_ids"), logits_chunk)
-        mask = part.response_mask.to(device)
-        lps.append(lp.masked_fill(~mask, 0.0))
-        if with_entropy:
-            ents.append(ent.masked_fill(~mask, 0.0))
-    T_all = rollouts.response_ids.shape[1]
-
-    def stack(chunks):
-        return torch.cat([torch.nn.functional.pad(c, (0, T_all - c.shape[1])) for c in chunks], 0)
-
-    return stack(lps), (stack(ents) if with_entropy else None)
+    inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
+    captured = []
+    hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        # logits_to_keep=1: the model's own head only sees the last position; the response
+        # positions go through `head_log_probs` below, a slice at a time.
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    hidden = captured[-1][:, -(T + 1):-1]  # position t predicts response token t
+    lp, ent = head_log_probs(hidden, head, part.response_ids.to(device), temperature, with_entropy,
+                             part.meta.get("suppress_ids"), logits_chunk)
+    mask = part.response_mask.to(device)
+    return lp.masked_fill(~mask, 0.0), (ent.masked_fill(~mask, 0.0) if with_entropy else None)

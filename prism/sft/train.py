@@ -36,20 +36,30 @@ from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite
 from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
+from prism.rollout.batching import token_budget_batches
 from prism.tracking import Tracker
 
 log = logging.getLogger("prism.sft")
 
 
-def load_train_data(cfg: SFTConfig, processor) -> list[Example]:
+def load_train_data(cfg: SFTConfig, processor) -> tuple[list[Example], list[int]]:
+    """Demonstrations no longer than data.max_length tokens, and their lengths."""
     examples = load_examples(cfg.data.train, cfg.data.format, require_response=True, skip_bad=cfg.data.skip_bad)
-    kept = [ex for ex in examples if token_length(processor, ex) <= cfg.data.max_length]
+    lengths = [token_length(processor, ex) for ex in examples]
+    kept = [(ex, n) for ex, n in zip(examples, lengths) if n <= cfg.data.max_length]
     if len(kept) < len(examples):
         log.warning("%s: dropped %d of %d examples longer than data.max_length=%d",
                     cfg.data.train, len(examples) - len(kept), len(examples), cfg.data.max_length)
     if not kept:
         raise DataError(f"{cfg.data.train}: no examples left after filtering by data.max_length={cfg.data.max_length}")
-    return kept
+    return [ex for ex, _ in kept], [n for _, n in kept]
+
+
+def split_by_budget(rows: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
+    """A micro-batch's example indices, split into forwards of at most `budget` padded tokens (or kept whole)."""
+    if not budget:
+        return [rows]
+    return [[rows[j] for j in part] for part in token_budget_batches([lengths[i] for i in rows], budget)]
 
 
 def train(cfg: SFTConfig) -> dict:
@@ -58,7 +68,7 @@ def train(cfg: SFTConfig) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
 
     processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
-    train_data = load_train_data(cfg, processor)
+    train_data, lengths = load_train_data(cfg, processor)
     eval_data = (load_examples(cfg.data.eval, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad,
                                limit=cfg.data.eval_limit) if cfg.data.eval else [])
     if len(train_data) < cfg.train.batch_size * world:
@@ -90,16 +100,16 @@ def train(cfg: SFTConfig) -> dict:
     model.train()
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([train_data[i] for i in micro_batch_indices(
-            len(train_data), (step - 1) * accum + m, cfg.train.batch_size, world, rank, cfg.train.seed)])
-            for m in range(accum)]
+        micro = [collate([train_data[i] for i in rows]) for m in range(accum) for rows in split_by_budget(
+            micro_batch_indices(len(train_data), (step - 1) * accum + m, cfg.train.batch_size, world, rank,
+                                cfg.train.seed), lengths, cfg.train.micro_token_budget)]
         n_tokens = accelerator.reduce(
             sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(accelerator.device), "sum").item()
         nll_total = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            with accumulating(accelerator, model, last=m == accum - 1):
+            with accumulating(accelerator, model, last=m == len(micro) - 1):
                 logits = model(**batch).logits
                 nll, _ = shifted_token_nll(logits, labels)
                 # DDP averages gradients over processes, hence the factor `world`.

@@ -1,0 +1,206 @@
+"""GPU efficiency of prism's two hot paths on a Qwen3-VL-shaped model with random weights: the SFT step
+(model FLOPs utilisation) and rollout generation (tokens per second). Not run in CI: it needs a GPU (the `tiny` size only checks
+that the script works).
+
+    python benchmarks/gpu_throughput.py [--size 1.7b] [--attn sdpa|flash_attention_2] [--batch 8 --seq 2048]
+    python benchmarks/gpu_throughput.py --size tiny --device cpu     # a smoke run of the script itself
+
+SFT. `--steps` timed steps (after `--warmup`) of prism's SFT step on `--batch` sequences of `--seq`
+tokens (an image of `--image-px` pixels square plus text, labels on the text): forward, the summed
+token NLL (prism.losses.sft), backward, gradient clipping, fused AdamW — bf16 weights, the vision tower
+frozen as in prism's defaults. MFU = model FLOPs / (step time × peak), with model FLOPs per token
+6·N (N = language-model parameters without embeddings, the trained part; the frozen vision tower is
+counted for its forward only, 2·N_vision per image token) plus causal attention 6·layers·hidden·seq
+(forward 2·, backward 4·, halved for the causal mask). The peak is the dense bf16 figure of the GPU
+(`--peak-tflops`, or looked up: H100 SXM / H200 989, A100 312).
+
+Rollouts. prism's rollout engine (HF generate, KV cache) on `--gen-prompts` prompts × `--gen-n`
+samples, `--gen-tokens` new tokens each (EOS suppressed so every sequence runs to the end): generated
+tokens per second, and the ratio to the memory-bandwidth bound of decoding (every step reads the
+weights once: tokens/s ≤ batch × bandwidth / weight bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L40S": 0.86}
+# hidden, layers, heads, kv heads, head dim, intermediate
+SIZES = {"tiny": (128, 4, 4, 2, 32, 256), "0.6b": (1024, 28, 16, 8, 128, 3072), "1.7b": (2048, 28, 16, 8, 128, 6144),
+         "4b": (2560, 36, 32, 8, 128, 9728)}
+
+
+def build(size: str, device: str, attn: str):
+    """A random Qwen3-VL of the given shape, and a processor for it (prism's tiny tokenizer + a patch-16
+    image processor): the vocabulary rows beyond the tokenizer are simply never sampled from prompts."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from prism.models.processor import build_processor
+    from prism.models.tiny import CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    h, layers, heads, kv, hd, inter = SIZES[size]
+    text = dict(vocab_size=151936 if size != "tiny" else 640, hidden_size=h, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+                max_position_embeddings=32768, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                # the (temporal, height, width) rotary sections sum to head_dim / 2, as Qwen3-VL's [24, 20, 20] of 64
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                 "mrope_section": [hd * 3 // 16, hd * 5 // 32, hd * 5 // 32], "mrope_interleaved": True})
+    big = size != "tiny"
+    vision = dict(depth=24 if big else 2, hidden_size=1024 if big else 64, intermediate_size=4096 if big else 128,
+                  num_heads=16 if big else 2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  out_hidden_size=h, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17] if big else [0])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    cfg._attn_implementation = attn
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(cfg).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              size={"shortest_edge": 32 * 32, "longest_edge": 1024 * 1024})
+    processor = build_processor(Qwen3VLProcessor, image_processor, tokenizer, None, CHAT_TEMPLATE)
+    return model, cfg, processor
+
+
+def synthetic_batch(cfg, batch: int, seq: int, image_px: int, device: str) -> dict:
+    """`batch` rows of [vision_start, image tokens, vision_end, text]: labels on the text."""
+    patch, merge = cfg.vision_config.patch_size, cfg.vision_config.spatial_merge_size
+    grid = image_px // patch
+    n_img = (grid // merge) ** 2
+    ids = torch.randint(0, 500, (batch, seq), device=device)  # ordinary tokens of the tokenizer
+    ids[:, 0] = cfg.vision_start_token_id
+    ids[:, 1:1 + n_img] = cfg.image_token_id
+    ids[:, 1 + n_img] = cfg.vision_end_token_id
+    mm = torch.zeros_like(ids, dtype=torch.int32)
+    mm[:, 1:1 + n_img] = 1
+    labels = ids.clone()
+    labels[:, :2 + n_img] = -100
+    c = cfg.vision_config
+    pixels = torch.randn(batch * grid * grid, 3 * c.temporal_patch_size * patch * patch, device=device)
+    thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm, "labels": labels,
+            "pixel_values": pixels, "image_grid_thw": thw, "_image_tokens": n_img}
+
+
+def params_of(model) -> tuple[float, float]:
+    """(language-model parameters without embeddings / output head, vision parameters)."""
+    lm = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n and "embed" not in n)
+    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    return float(lm), float(vision)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def sft_mfu(model, cfg, a) -> dict:
+    from prism.losses.sft import shifted_token_nll
+    from prism.models.loader import freeze
+
+    freeze(model, vision=True, projector=True)
+    if a.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=a.device == "cuda")
+    batch = synthetic_batch(cfg, a.batch, a.seq, a.image_px, a.device)
+    n_img = batch.pop("_image_tokens")
+    labels = batch.pop("labels")
+    times = []
+    for i in range(a.warmup + a.steps):
+        sync(a.device)
+        t0 = time.perf_counter()
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda"):
+            logits = model(**batch).logits
+        nll, n = shifted_token_nll(logits, labels)
+        (nll / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(a.device)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    lm, vision = params_of(model)
+    h, layers = cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers
+    tokens = a.batch * a.seq
+    flops = tokens * (6 * lm + 6 * layers * h * a.seq) + a.batch * n_img * 4 * 2 * vision  # vision: fwd on patches
+    step = sorted(times)[len(times) // 2]
+    return {"step_s": step, "tokens_per_s": tokens / step, "model_tflops": flops / step / 1e12,
+            "lm_params_b": lm / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if a.device == "cuda" else float("nan")}
+
+
+def rollout_throughput(model, processor, a) -> dict:
+    """prism's rollout engine on synthetic image + question prompts (random weights: EOS almost never sampled)."""
+    import numpy as np
+    from PIL import Image
+
+    from prism.data.example import Example
+    from prism.rollout.engine import SamplingParams, sample
+
+    rng = np.random.default_rng(0)
+    examples = [Example(messages=[{"role": "user", "content": "<image>Describe the picture, then count the red cells."}],
+                        images=[Image.fromarray(rng.integers(0, 255, (a.image_px, a.image_px, 3), dtype=np.uint8))])
+                for _ in range(a.gen_prompts)]
+    model.eval()
+    sample(model, processor, examples[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=4))  # warm-up
+    sync(a.device)
+    t0 = time.perf_counter()
+    r = sample(model, processor, examples, SamplingParams(n=a.gen_n, temperature=1.0, max_new_tokens=a.gen_tokens),
+               chunk_size=a.gen_prompts * a.gen_n)
+    sync(a.device)
+    seconds = time.perf_counter() - t0
+    tokens = int(r.response_lengths.sum())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "weight_gb": weight_bytes / 2 ** 30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="1.7b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--image-px", type=int, default=448)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--gen-prompts", type=int, default=16)
+    p.add_argument("--gen-n", type=int, default=8)
+    p.add_argument("--gen-tokens", type=int, default=512)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--bandwidth-tbs", type=float, default=None)
+    a = p.parse_args()
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+    bw = a.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in name), float("nan"))
+    torch.manual_seed(0)
+    model, cfg, processor = build(a.size, a.device, a.attn)
+    lm, vision = params_of(model)
+    print(f"device {name}; Qwen3-VL-shaped {a.size}: {lm / 1e9:.2f}B language-model + {vision / 1e9:.2f}B vision "
+          f"parameters, attention {a.attn}, batch {a.batch} x {a.seq} tokens ({a.image_px}px image each)")
+    sft = sft_mfu(model, cfg, a)
+    mfu = sft["model_tflops"] / peak if not math.isnan(peak) else float("nan")
+    print(f"SFT step: {sft['step_s'] * 1000:.0f} ms, {sft['tokens_per_s']:.0f} tokens/s, "
+          f"{sft['model_tflops']:.1f} model TFLOP/s, peak memory {sft['peak_mem_gb']:.1f} GB")
+    print(f"SFT MFU: {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
+    gen = rollout_throughput(model, processor, a)
+    bound = a.gen_prompts * a.gen_n * bw * 1e12 / (gen["weight_gb"] * 2 ** 30) if not math.isnan(bw) else float("nan")
+    print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
+          f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
+          f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -86,6 +87,18 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
         accelerator.backward(loss, scale_wrt_gas=False)
     else:
         accelerator.backward(loss)
+
+
+def make_optimizer(cfg, params: list[torch.nn.Parameter]):
+    """AdamW and its LR schedule (`optim.*`, warm-up as a fraction of `train.max_steps`)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
+                              num_training_steps=cfg.train.max_steps)
+    return optimizer, scheduler
 
 
 def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -37,7 +36,6 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from prism.align.discriminator import COMPONENTS, SECTION_OF, MoEDiscriminator
 from prism.align.losses import alignment_advantages, discriminator_loss
@@ -47,8 +45,8 @@ from prism.config import AlignConfig, ConfigError, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
 from prism.data.synthetic import caption_matches_scene
-from prism.loop import (check_finite, evaluate_policy, micro_batch_indices, prepare, restore_optimizer,
-                        save_policy_checkpoint, setup_run)
+from prism.loop import (check_finite, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
+                        restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.response import is_format_valid, parse_response
@@ -269,11 +267,7 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     disc_path = resume_from / DISC_DIR if resume_from else cfg.discriminator.path
     disc = build_discriminator(cfg, disc_path).to(accelerator.device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt_p = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                              weight_decay=cfg.optim.weight_decay)
-    sched_p = get_scheduler(cfg.optim.scheduler, opt_p,
-                            num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
-                            num_training_steps=cfg.train.max_steps)
+    opt_p, sched_p = make_optimizer(cfg, params)
     opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
     policy, opt_p = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size)

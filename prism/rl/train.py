@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from prism.checkpoint import resolve_resume
 from prism.config import ConfigError, RLConfig, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
-from prism.loop import (RunError, evaluate_policy, micro_batch_indices, prepare, restore_optimizer,
-                        save_policy_checkpoint, setup_run)
+from prism.loop import (RunError, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
+                        restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
@@ -167,11 +165,7 @@ def train(cfg: RLConfig) -> dict:
     if cfg.algo.kl_coef > 0:  # only then: a frozen copy of the starting policy
         reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                              num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
-                              num_training_steps=cfg.train.max_steps)
+    optimizer, scheduler = make_optimizer(cfg, params)
     model, optimizer = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from prism.checkpoint import resolve_resume
 from prism.config import SFTConfig, load_config
@@ -32,7 +30,8 @@ from prism.data.collate import SFTCollator, token_length
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
 from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
-                        evaluate_policy, micro_batch_indices, prepare, restore_optimizer, save_policy_checkpoint, setup_run)
+                        evaluate_policy, make_optimizer, micro_batch_indices, prepare, restore_optimizer,
+                        save_policy_checkpoint, setup_run)
 from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
@@ -79,11 +78,7 @@ def train(cfg: SFTConfig) -> dict:
     resume_from = resolve_resume(cfg.train.resume, out)
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                              num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * cfg.train.max_steps),
-                              num_training_steps=cfg.train.max_steps)
+    optimizer, scheduler = make_optimizer(cfg, params)
     model, optimizer = prepare(accelerator, model, optimizer, cfg.train.batch_size)
 
     start = 0

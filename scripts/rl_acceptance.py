@@ -4,12 +4,15 @@
         [--algos grpo dapo gspo] [--rl-steps 120] [--parallel 2]
 
 1. `prism-synth --grids 3,4`: the harder 4x4 questions next to 3x3 ones;
-2. SFT of the tiny model on the clean curated pool, stopped early (`--sft-steps`), so that it is
-   imperfect, mostly on 4x4 grids;
+2. SFT of the tiny model on the drifted public pool (`configs/sft/public.yaml`, `--sft-steps`): imperfect
+   on 3x3 and 4x4 alike, mostly through the pool's systematic perception bias (yellow captioned as
+   blue), which answers that are checked can correct. (From an SFT on the clean pool, whose errors
+   are unsystematic, 120 steps of GRPO did not move greedy accuracy: 81.7% -> 81.3% at lr 1e-5, and
+   lr 3e-5 lost perception: 78.0 / 79.3% on two seeds.)
 3. for each algorithm and seed, `prism-rl` from that checkpoint on the rl split (`--rl-steps`,
    `configs/rl/demo.yaml`), `--parallel` runs at a time with one thread each;
-4. `prism-eval` of the SFT checkpoint and of every RL run on the test split: greedy accuracy and
-   sampled pass@1 (temperature 1, `--samples` per prompt), per grid size.
+4. `prism-eval` of the SFT checkpoint and of every RL run on the test split: greedy accuracy (also
+   per grid size) and sampled pass@1 (temperature 1, `--samples` per prompt).
 
 Prints a table (before / after, mean ± std over seeds, wall time of each run) and writes
 WORKDIR/summary.json. Every step is skipped when its output exists, so the script resumes.
@@ -43,21 +46,8 @@ def evaluate(model: Path, data: Path, samples: int, out: Path, limit: int) -> di
         sh("prism-eval", "--model", str(model), "--data", str(data), "--samples", str(samples),
            "--limit", str(limit), "--max-new-tokens", "256", "--out", str(out))
     r = json.loads(out.read_text())
-    return {"greedy": r["greedy"]["accuracy"], "sampled": r["sampled"]["accuracy"]}
-
-
-def per_grid(model: Path, data: Path, work: Path, limit: int) -> dict:
-    """Greedy accuracy split by grid size, from a second evaluation restricted to each size."""
-    rows = [json.loads(x) for x in data.read_text().splitlines()][:limit]
-    out = {}
-    for g in sorted({r["grid"] for r in rows}):
-        subset = work / f"test-{g}x{g}.jsonl"
-        if not subset.is_file():
-            subset.write_text("".join(json.dumps({**r, "images": [str(data.parent / p) for p in r["images"]]}) + "\n"
-                                      for r in rows if r["grid"] == g))
-        res = model / f"eval-{g}x{g}.json"
-        out[f"{g}x{g}"] = evaluate(model, subset, 0, res, limit)["greedy"]
-    return out
+    return {"greedy": r["greedy"]["accuracy"], "sampled": r["sampled"]["accuracy"],
+            "per_grid": {k[4:]: v for k, v in r["greedy"].items() if k.startswith("acc/") and "x" in k}}
 
 
 def mean_std(xs: list[float]) -> str:
@@ -69,8 +59,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/rl-acceptance"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--algos", nargs="+", default=["grpo", "dapo", "gspo"])
-    p.add_argument("--sft-steps", type=int, default=400)
-    p.add_argument("--rl-steps", type=int, default=120)
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--parallel", type=int, default=2)
@@ -83,15 +73,14 @@ def main() -> None:
         sh("prism-tiny", "--out", str(model))
     if not (data / "meta.json").is_file():
         sh("prism-synth", "--out", str(data), "--n", "4000", "--seed", "0", "--grids", "3,4")
-    sft = w / "sft" / f"checkpoint-{a.sft_steps:06d}"
+    sft = w / "sft-public" / f"checkpoint-{a.sft_steps:06d}"
     if not (sft / "trainer_state.json").is_file():
-        sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/demo.yaml", f"model.path={model}",
-           f"data.train={data}/curated.jsonl", "data.eval=null", f"train.output_dir={w}/sft",
+        sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/public.yaml", f"model.path={model}",
+           f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w}/sft-public",
            f"train.max_steps={a.sft_steps}", f"train.save_every={a.sft_steps}", "data.max_length=400",
-           log=w / "sft.log")
+           log=w / "sft-public.log")
     test = data / "test.jsonl"
     before = evaluate(sft, test, a.samples, sft / "eval-test.json", a.limit)
-    before["per_grid"] = per_grid(sft, test, w, a.limit)
 
     def run(job):
         algo, seed = job
@@ -107,7 +96,6 @@ def main() -> None:
         elif (out / "wall_seconds.txt").is_file():
             seconds = float((out / "wall_seconds.txt").read_text())
         result = evaluate(ckpt, test, a.samples, ckpt / "eval-test.json", a.limit)
-        result["per_grid"] = per_grid(ckpt, test, w, a.limit)
         return algo, seed, result, seconds
 
     jobs = [(algo, seed) for algo in a.algos for seed in a.seeds]

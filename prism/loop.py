@@ -89,6 +89,21 @@ def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
         accelerator.backward(loss)
 
 
+@contextmanager
+def replicated_load():
+    """Load a model whole on every process even under DeepSpeed ZeRO-3, for models no engine will own
+    (the discriminator, a frozen reference): transformers would otherwise shard their weights at load
+    time, and outside an engine nothing would gather them back for the forward."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def make_optimizer(cfg, params: list[torch.nn.Parameter]):
     """AdamW and its LR schedule (`optim.*`, warm-up as a fraction of `train.max_steps`)."""
     from transformers import get_scheduler

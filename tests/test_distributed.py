@@ -19,6 +19,7 @@ from prism.data.synthetic import SynthConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml")]
 ZERO2 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/zero2_cpu.yaml")]
+ZERO3 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/zero3_cpu.yaml")]
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -135,3 +136,30 @@ def test_prism_rl_and_align_under_zero2(tiny_model_dir, synth_dir, tmp_path):
     _run([*ZERO2, "-m", "prism.align.train", *_overrides(tiny_model_dir, synth_dir, align, **{
         "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 0})])
     assert _steps(align) == [1, 2] and (align / "checkpoint-000002" / "discriminator").is_dir()
+
+
+def test_every_stage_under_zero3(tiny_model_dir, synth_dir, tmp_path):
+    """ZeRO-3 shards the weights themselves: SFT matches one process and saves a full model; RL (with a
+    reference model for the KL term) and ALIGN (discriminator and warm-start) run, sampling from the
+    sharded policy."""
+    from transformers import AutoModelForImageTextToText
+
+    common = [f"model.path={tiny_model_dir}", f"data.train={synth_dir}/curated.jsonl", "data.eval=null",
+              "train.max_steps=2", "optim.lr=1e-3", "optim.warmup_ratio=0", "logging.tensorboard=false"]
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"])
+    _run([*ZERO3, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z3'}", "train.batch_size=2"])
+    one, z3 = _losses(tmp_path / "one"), _losses(tmp_path / "z3")
+    assert z3[1] == pytest.approx(one[1], abs=1e-4) and z3[2] == pytest.approx(one[2], abs=1e-4)
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "one/checkpoint-000002").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "z3/checkpoint-000002").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the gathered weights, not the shards
+
+    rl = tmp_path / "rl"
+    _run([*ZERO3, "-m", "prism.rl.train", *_overrides(tiny_model_dir, synth_dir, rl, **{
+        "data.train": f"{synth_dir}/rl.jsonl", "algo.kl_coef": 0.1, "reward.functions": '{"format": 1.0}'})])
+    assert _steps(rl) == [1, 2]
+    align = tmp_path / "align"
+    _run([*ZERO3, "-m", "prism.align.train", *_overrides(tiny_model_dir, synth_dir, align, **{
+        "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 1,
+        "warmup.batch_size": 2, "warmup.eval_pairs": 2})])
+    assert _steps(align) == [0, 1, 2] and (align / "checkpoint-000002/discriminator/heads.safetensors").is_file()

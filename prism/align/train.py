@@ -45,7 +45,7 @@ from prism.config import AlignConfig, ConfigError, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
 from prism.data.synthetic import caption_matches_scene
-from prism.loop import (check_finite, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
+from prism.loop import (check_finite, replicated_load, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
                         restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
@@ -91,11 +91,14 @@ def check_config(cfg: AlignConfig) -> None:
 
 
 def build_discriminator(cfg: AlignConfig, path: str | Path) -> MoEDiscriminator:
+    """The discriminator from `path` (a VLM directory or a saved discriminator) with the config's settings,
+    whole on every process (no DeepSpeed engine owns it; see `replicated_load`)."""
     d = cfg.discriminator
-    overrides = dict(experts=d.experts, dense=d.dense, text_only=d.text_only, score_clip=d.score_clip,
-                     lora_r=d.lora_r, lora_alpha=d.lora_alpha, aux_loss_coef=d.aux_loss_coef, dtype=cfg.model.dtype,
-                     gradient_checkpointing=d.gradient_checkpointing)
-    return MoEDiscriminator.from_pretrained(path, **overrides)
+    with replicated_load():
+        return MoEDiscriminator.from_pretrained(
+            path, experts=d.experts, dense=d.dense, text_only=d.text_only, score_clip=d.score_clip,
+            lora_r=d.lora_r, lora_alpha=d.lora_alpha, aux_loss_coef=d.aux_loss_coef, dtype=cfg.model.dtype,
+            gradient_checkpointing=d.gradient_checkpointing)
 
 
 def _sync_grads(params: list[torch.nn.Parameter], accelerator) -> None:

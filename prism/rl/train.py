@@ -30,7 +30,7 @@ from prism.checkpoint import resolve_resume
 from prism.config import ConfigError, RLConfig, load_config
 from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
-from prism.loop import (RunError, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
+from prism.loop import (RunError, replicated_load, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
                         restore_optimizer, save_policy_checkpoint, setup_run)
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
@@ -163,7 +163,8 @@ def train(cfg: RLConfig) -> dict:
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     reference = None
     if cfg.algo.kl_coef > 0:  # only then: a frozen copy of the starting policy
-        reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
+        with replicated_load():
+            reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params)
     model, optimizer = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)

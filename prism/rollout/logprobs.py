@@ -16,7 +16,6 @@ batch and response length.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from prism.rollout.batching import token_budget_batches
@@ -52,7 +51,8 @@ def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Te
     flat_h, flat_t = hidden.reshape(n * T, H), tokens.reshape(n * T)
 
     def piece(h: torch.Tensor, t: torch.Tensor):
-        lp, ent = logits_to_log_probs(F.linear(h, head.weight, head.bias) / temperature, t, with_entropy, suppress)
+        # head(h), not F.linear(h, head.weight): under ZeRO-3 the module call gathers the sharded weight
+        lp, ent = logits_to_log_probs(head(h) / temperature, t, with_entropy, suppress)
         return (lp, ent) if with_entropy else (lp,)
 
     lps, ents = [], []

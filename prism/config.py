@@ -259,7 +259,7 @@ class WarmupSettings(Section):
     steps: int = Field(50, ge=0)
     """Warm-start optimizer steps (0: none)."""
     batch_size: int = Field(16, gt=0)
-    """Pairs per step."""
+    """Pairs per process per step."""
     negatives: Literal["policy", "corrupt"] = "policy"
     """policy: a sample of the starting policy for the same prompt; corrupt: the reference with one caption
     cell and one reasoning step changed."""

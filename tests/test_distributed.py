@@ -79,6 +79,21 @@ def test_prism_rl_dapo_on_two_processes_then_resume_on_one(tiny_model_dir, synth
     assert _steps(out) == [1, 2, 3] and (out / "checkpoint-000003" / "trainer_state.json").is_file()
 
 
+def test_dynamic_sampling_keeps_processes_in_lockstep(tiny_model_dir, synth_dir, tmp_path):
+    """Each process drops a different number of all-equal groups; all train on the same number of groups."""
+    (tmp_path / "parity_rewards.py").write_text(
+        "def parity(responses, examples):\n    return [float(len(r) % 2) for r in responses]\n")
+    out = tmp_path / "rl-dyn"
+    args = _overrides(tiny_model_dir, synth_dir, out, **{
+        "data.train": f"{synth_dir}/rl.jsonl", "algo.name": "dapo", "algo.max_num_gen_batches": 4,
+        "reward.functions": '{"parity_rewards:parity": 1.0}', "train.max_steps": 3})
+    _run([*LAUNCH, "-m", "prism.rl.train", *args], env={"PYTHONPATH": str(tmp_path)})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(1 <= r["rollout/kept_groups"] <= 2 for r in rows)  # per process, at most train.batch_size
+    assert any(r["rollout/dropped_groups"] > 0 for r in rows)
+
+
 def test_dynamic_sampling_that_finds_nothing_stops_every_process_with_one_message(tiny_model_dir, synth_dir, tmp_path):
     out = tmp_path / "rl-empty"
     # a random model never answers right or in format: every group is all-zero and is dropped

@@ -156,7 +156,8 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
                     for comp in COMPONENTS}
         loss, m = discriminator_loss(teacher, policy, v, cfg.discriminator.reg, distinct)
         share = float(v.sum()) / max(n_valid, 1.0)
-        (loss * share + aux * len(batch) / len(prompts)).backward()
+        # the router loss is a mean over this process's prompts; _sync_grads sums over processes
+        (loss * share + aux * len(batch) / (len(prompts) * accelerator.num_processes)).backward()
         if m["n_valid"]:
             for k, val in m.items():
                 if k not in ("no_valid", "n_valid"):
@@ -165,10 +166,11 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
                     weights[k] = weights.get(k, 0.0) + key_weight
         if torch.is_tensor(aux):
             sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux) * len(batch)
-    _sync_grads(params, accelerator)
-    if cfg.discriminator.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, cfg.discriminator.max_grad_norm)
-    optimizer.step()
+    if n_valid > 0:  # the same decision on every process (n_valid is global)
+        _sync_grads(params, accelerator)
+        if cfg.discriminator.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.discriminator.max_grad_norm)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     metrics = {k: v / max(weights[k], 1e-9) for k, v in sums.items() if k != "aux_loss"}
     if "aux_loss" in sums:
@@ -225,12 +227,15 @@ def warmup(cfg: AlignConfig, accelerator, policy, processor, disc: MoEDiscrimina
 
     metrics = accuracy("warmup_before")
     bar = tqdm(range(w.steps), desc="warm-start", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
     for step in bar:
-        batch = [train_idx[(step * w.batch_size + j) % len(train_idx)] for j in range(w.batch_size)]
+        # warmup.batch_size pairs per process, each process its own slice of the step's pairs
+        first = (step * world + rank) * w.batch_size
+        batch = [train_idx[(first + j) % len(train_idx)] for j in range(w.batch_size)]
         disc.train()
         loss, m = pair_loss(disc, batch, [ex.response for ex in batch], [negative[id(ex)] for ex in batch],
                             cfg.discriminator.reg)
-        loss.backward()
+        (loss / world).backward()  # _sync_grads sums: the gradient of the mean over all processes' pairs
         _sync_grads(disc.trainable_parameters(), accelerator)
         if cfg.discriminator.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(disc.trainable_parameters(), cfg.discriminator.max_grad_norm)

@@ -126,7 +126,7 @@ class BatchCollector:
             kept_rewards.append(rewards)
             n_kept += len(rollouts) // G
             # Every process decides on the same (global minimum) count, so all stay in lockstep.
-            have = int(acc.reduce(torch.tensor(n_kept, device=acc.device), "min")) if acc.num_processes > 1 else n_kept
+            have = -int(acc.reduce(torch.tensor(-n_kept, device=acc.device), "max"))  # min over processes
             if not dynamic or have >= want or rounds >= cfg.algo.max_num_gen_batches:
                 break
         t_gen -= t_score

@@ -265,12 +265,14 @@ class WarmupSettings(Section):
     cell and one reasoning step changed."""
     eval_pairs: int = Field(32, ge=0)
     """Prompts held out to report pairwise accuracy per expert."""
+    data: str | None = None
+    """Prompts with teacher references for the warm-start (e.g. the curated pool); default: data.train."""
 
 
 class AlignConfig(Section):
     """`prism-align`: the minimax game between the policy and the MoE discriminator (DESIGN §4)."""
 
-    model: ModelSettings = ModelSettings(path="runs/sft-public/checkpoint-001200")
+    model: ModelSettings = ModelSettings(path="runs/sft-public/checkpoint-000600")
     data: DataSettings = DataSettings(train="data/demo/align.jsonl", max_length=512, eval_limit=128)
     rollout: RolloutSettings = RolloutSettings()
     algo: AlgoSettings = AlgoSettings()

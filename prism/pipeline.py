@@ -114,7 +114,8 @@ class Pipeline:
 
         data = self.data_dir()
         return self._stage(f"align-{variant}/seed{seed}", AlignConfig, self.cfg.align, [
-            f"model.path={start}", f"discriminator.path={self.model_dir()}", f"data.train={data}/align.jsonl",
+            # the discriminator's backbone is the starting policy: it already reads the grids
+            f"model.path={start}", f"discriminator.path={start}", f"data.train={data}/align.jsonl",
             "data.eval=null", f"train.output_dir={self.work}/seed{seed}/align-{variant}", f"train.seed={seed}",
             *ABLATION_OVERRIDES.get(variant, [])], train)
 

@@ -5,10 +5,11 @@
 
 1. tiny model + `prism-synth` (3x3 grids, yellow captioned as blue in 60 % of its cells and 80 % terse
    traces in the public pool) and SFT on that drifted public pool (`configs/sft/public.yaml`);
-2. warm-start check: `prism-align warmup` with corrupted references as negatives (one caption cell,
-   one reasoning step changed); held-out pairwise accuracy per expert;
-3. the game, `prism-align` from the SFT checkpoint (`configs/align/demo.yaml`, warm-start on SFT
-   samples), once per seed, `--parallel` runs at a time with one thread each;
+2. warm-start check: `prism-align warmup` on the curated pool with corrupted references as
+   negatives (one caption cell, one reasoning number changed; a fresh corruption each time a reference
+   is drawn); held-out pairwise accuracy per expert on 100 held-out prompts;
+3. the game, `prism-align` from the SFT checkpoint (`configs/align/demo.yaml`: the discriminator on
+   the SFT checkpoint's backbone, warm-start on SFT samples), once per seed, `--parallel` runs at a time with one thread each;
 4. `prism-eval` of the SFT checkpoint and of each ALIGN run on the test split: sampled (temperature 1)
    and greedy answer accuracy, caption exact match, error split, drift from the references.
 
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--align-steps", type=int, default=60)
+    p.add_argument("--warmup-steps", type=int, default=1000, help="of the warm-start check against corruptions")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--parallel", type=int, default=2)
@@ -81,13 +83,14 @@ def main() -> None:
            f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w}/sft",
            f"train.max_steps={a.sft_steps}", f"train.save_every={a.sft_steps}", log=w / "sft.log")
     test = data / "test.jsonl"
-    common = [f"model.path={sft}", f"discriminator.path={model}", f"data.train={data}/align.jsonl", "data.eval=null"]
+    common = [f"model.path={sft}", f"discriminator.path={sft}", f"data.train={data}/align.jsonl", "data.eval=null"]
 
     # warm-start alone, against corrupted references: can each expert tell one wrong cell / one wrong step?
     warm = w / "warmup-corrupt"
     if not (warm / "warmup" / "metrics.json").is_file():
         sh(sys.executable, "-m", "prism.align.train", "warmup", "--config", "configs/align/demo.yaml", *common,
-           f"train.output_dir={warm}", "warmup.negatives=corrupt", "warmup.steps=150", "warmup.eval_pairs=64",
+           f"train.output_dir={warm}", "warmup.negatives=corrupt", f"warmup.data={data}/curated.jsonl",
+           f"warmup.steps={a.warmup_steps}", "warmup.eval_pairs=100", "discriminator.lr=3e-4",
            log=w / "warmup-corrupt.log")
     warm_metrics = json.loads((warm / "warmup" / "metrics.json").read_text())
 

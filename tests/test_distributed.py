@@ -31,7 +31,9 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0", **kw.pop("env", {})}
+    # the repository on the path: tests/dist_check.py runs as a script, also where prism is not installed
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0", "PYTHONPATH": path, **kw.pop("env", {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900, **kw)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

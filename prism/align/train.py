@@ -206,18 +206,25 @@ def warmup(cfg: AlignConfig, accelerator, policy, processor, disc: MoEDiscrimina
     n_eval = min(w.eval_pairs, len(prompts) // 4)
     held_out, train_idx = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     if w.negatives == "corrupt":
-        negative = {id(ex): corrupt_response(ex.response, rng) for ex in prompts}
+        # held-out negatives are fixed; training draws a fresh corruption of each reference every time
+        # it is seen, so the experts learn what a wrong cell or step looks like, not one string per prompt
+        negative = {id(ex): corrupt_response(ex.response, rng) for ex in held_out}
     else:  # one sample of the starting policy per prompt, as the game will show D
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
         texts = HFBackend(accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size).generate(prompts, params).texts
         negative = {id(ex): t for ex, t in zip(prompts, texts)}
-    # a negative identical to its reference carries no signal
-    train_idx = [ex for ex in train_idx if negative[id(ex)].strip() != ex.response.strip()]
-    held_out = [ex for ex in held_out if negative[id(ex)].strip() != ex.response.strip()]
+        # a negative identical to its reference carries no signal
+        train_idx = [ex for ex in train_idx if negative[id(ex)].strip() != ex.response.strip()]
+        held_out = [ex for ex in held_out if negative[id(ex)].strip() != ex.response.strip()]
     if not train_idx:
         log.warning("warm-start skipped: every negative equals its teacher reference")
         return {}
+
+    def negatives_for(batch: list[Example]) -> list[str]:
+        if w.negatives == "corrupt":
+            return [corrupt_response(ex.response, rng) for ex in batch]
+        return [negative[id(ex)] for ex in batch]
 
     def accuracy(prefix: str) -> dict[str, float]:
         if not held_out:
@@ -233,8 +240,7 @@ def warmup(cfg: AlignConfig, accelerator, policy, processor, disc: MoEDiscrimina
         first = (step * world + rank) * w.batch_size
         batch = [train_idx[(first + j) % len(train_idx)] for j in range(w.batch_size)]
         disc.train()
-        loss, m = pair_loss(disc, batch, [ex.response for ex in batch], [negative[id(ex)] for ex in batch],
-                            cfg.discriminator.reg)
+        loss, m = pair_loss(disc, batch, [ex.response for ex in batch], negatives_for(batch), cfg.discriminator.reg)
         (loss / world).backward()  # _sync_grads sums: the gradient of the mean over all processes' pairs
         _sync_grads(disc.trainable_parameters(), accelerator)
         if cfg.discriminator.max_grad_norm:
@@ -291,7 +297,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
             opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
             metrics = json.loads((out / "warmup" / "metrics.json").read_text())
         else:
-            metrics = warmup(cfg, accelerator, policy, processor, disc, opt_d, prompts, out)
+            warm_prompts = load_alignment_data(cfg, cfg.warmup.data) if cfg.warmup.data else prompts
+            metrics = warmup(cfg, accelerator, policy, processor, disc, opt_d, warm_prompts, out)
             opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)  # fresh for the game
         tracker.log(metrics, 0)
     if warmup_only:

@@ -17,11 +17,12 @@ import torch
 from prism.align.discriminator import COMPONENTS, SECTION_OF, MoEDiscriminator
 from prism.align.losses import discriminator_loss
 from prism.data.example import Example
-from prism.data.synthetic import COLORS
+from prism.data.synthetic import COLORS, NUMBER_WORDS
 from prism.response import parse_response
 
 _WORD = re.compile(r"[A-Za-z]+")
 _DIGIT = re.compile(r"\d")
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
 
 
 def _swap_one(text: str, pattern: re.Pattern, choices: Sequence[str], rng: random.Random) -> str:
@@ -43,7 +44,9 @@ def corrupt_caption(caption: str, rng: random.Random) -> str:
 
 
 def corrupt_think(think: str, rng: random.Random) -> str:
-    """One reasoning error: a digit changed (else a word replaced)."""
+    """One reasoning error: a number word changed (else a digit, else any word replaced)."""
+    if _NUMBER_WORD.search(think):
+        return _swap_one(think, _NUMBER_WORD, NUMBER_WORDS[:13], rng)
     if _DIGIT.search(think):
         return _swap_one(think, _DIGIT, list("0123456789"), rng)
     words = sorted(set(_WORD.findall(think))) or ["so"]

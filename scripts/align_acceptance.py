@@ -21,33 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+from acceptance_common import mean_std, prism_eval, public_sft, sh
+
 CURVE_KEYS = ("disc/perception/acc", "disc/reasoning/acc", "disc/perception/gap", "disc/reasoning/gap",
               "rollout/caption_match", "rollout/accuracy", "rollout/format_rate")
 
 
-def sh(*cmd: str, log: Path | None = None) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") if log else open(os.devnull, "w") as f:
-        subprocess.run(list(cmd), env=ENV, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
-
-
 def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
-    out = model / "eval-test.json"
-    if not out.is_file():
-        sh("prism-eval", "--model", str(model), "--data", str(data), "--samples", str(samples), "--limit", str(limit),
-           "--max-new-tokens", "256", "--out", str(out))
-    r = json.loads(out.read_text())
+    r = prism_eval(model, data, samples, limit)
     keep = ("accuracy", "caption_match", "format_rate", "error/perception", "error/reasoning")
     return {"greedy": {k: r["greedy"].get(k) for k in keep}, "sampled": {k: r["sampled"].get(k) for k in keep},
             "drift": r.get("drift", {})}
@@ -72,16 +57,7 @@ def main() -> None:
     a = p.parse_args()
     w = a.workdir
     w.mkdir(parents=True, exist_ok=True)
-    model, data = w / "tiny-model", w / "data"
-    if not (model / "config.json").is_file():
-        sh("prism-tiny", "--out", str(model))
-    if not (data / "meta.json").is_file():
-        sh("prism-synth", "--out", str(data), "--n", "4000", "--seed", "0")
-    sft = w / "sft" / f"checkpoint-{a.sft_steps:06d}"
-    if not (sft / "trainer_state.json").is_file():
-        sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/public.yaml", f"model.path={model}",
-           f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w}/sft",
-           f"train.max_steps={a.sft_steps}", f"train.save_every={a.sft_steps}", log=w / "sft.log")
+    data, sft = public_sft(w, a.sft_steps, [], "sft", [])
     test = data / "test.jsonl"
     common = [f"model.path={sft}", f"discriminator.path={sft}", f"data.train={data}/align.jsonl", "data.eval=null"]
 
@@ -120,9 +96,7 @@ def main() -> None:
         print(f"\n{mode}: " + " | ".join(f"{k}" for k in keys))
         print("  SFT (public pool)  " + " | ".join(f"{100 * before[mode][k]:.1f}" for k in keys))
         vals = {k: [e[mode][k] for _, e, _, _ in results] for k in keys}
-        print("  after ALIGN        " + " | ".join(
-            f"{100 * statistics.fmean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
-            for v in vals.values()))
+        print("  after ALIGN        " + " | ".join(mean_std(v) for v in vals.values()))
     for seed, _, c, sec in results:
         print(f"\nseed {seed} ({sec / 60:.1f} min)" if sec else f"\nseed {seed}")
         for k, pts in c.items():

@@ -22,36 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+from acceptance_common import mean_std, prism_eval, public_sft, sh
 
-
-def sh(*cmd: str, log: Path | None = None) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") if log else open(os.devnull, "w") as f:
-        subprocess.run(list(cmd), env=ENV, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
-
-
-def evaluate(model: Path, data: Path, samples: int, out: Path, limit: int) -> dict:
-    if not out.is_file():
-        sh("prism-eval", "--model", str(model), "--data", str(data), "--samples", str(samples),
-           "--limit", str(limit), "--max-new-tokens", "256", "--out", str(out))
-    r = json.loads(out.read_text())
+def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
+    r = prism_eval(model, data, samples, limit)
     return {"greedy": r["greedy"]["accuracy"], "sampled": r["sampled"]["accuracy"],
             "per_grid": {k[4:]: v for k, v in r["greedy"].items() if k.startswith("acc/") and "x" in k}}
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
 
 
 def main() -> None:
@@ -68,19 +49,9 @@ def main() -> None:
     a = p.parse_args()
     w = a.workdir
     w.mkdir(parents=True, exist_ok=True)
-    model, data = w / "tiny-model", w / "data"
-    if not (model / "config.json").is_file():
-        sh("prism-tiny", "--out", str(model))
-    if not (data / "meta.json").is_file():
-        sh("prism-synth", "--out", str(data), "--n", "4000", "--seed", "0", "--grids", "3,4")
-    sft = w / "sft-public" / f"checkpoint-{a.sft_steps:06d}"
-    if not (sft / "trainer_state.json").is_file():
-        sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/public.yaml", f"model.path={model}",
-           f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w}/sft-public",
-           f"train.max_steps={a.sft_steps}", f"train.save_every={a.sft_steps}", "data.max_length=400",
-           log=w / "sft-public.log")
+    data, sft = public_sft(w, a.sft_steps, ["--grids", "3,4"], "sft-public", ["data.max_length=400"])
     test = data / "test.jsonl"
-    before = evaluate(sft, test, a.samples, sft / "eval-test.json", a.limit)
+    before = evaluate(sft, test, a.samples, a.limit)
 
     def run(job):
         algo, seed = job
@@ -95,7 +66,7 @@ def main() -> None:
             (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
         elif (out / "wall_seconds.txt").is_file():
             seconds = float((out / "wall_seconds.txt").read_text())
-        result = evaluate(ckpt, test, a.samples, ckpt / "eval-test.json", a.limit)
+        result = evaluate(ckpt, test, a.samples, a.limit)
         return algo, seed, result, seconds
 
     jobs = [(algo, seed) for algo in a.algos for seed in a.seeds]

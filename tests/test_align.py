@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText
 
 from prism.align import MoEDiscriminator, alignment_advantages, discriminator_loss

@@ -52,6 +52,7 @@ class Pipeline:
         self.work = Path(cfg.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.trained: list[str] = []  # stages trained by this invocation (the others were reused)
 
     # ------------------------------------------------------------------------------ inputs
 
@@ -88,9 +89,13 @@ class Pipeline:
             t0 = time.perf_counter()
             train_fn(cfg)
             self.timings[name] = time.perf_counter() - t0
+            self.trained.append(name)
             done = _done(cfg)
         else:
             log.info("=== %s: reusing %s", name, done)
+            seconds = logged_seconds(Path(cfg.train.output_dir))
+            if seconds is not None:
+                self.timings[name] = seconds
         return done
 
     def sft(self, seed: int) -> Path:
@@ -178,7 +183,9 @@ class Pipeline:
             "rows": rows,
             "summary": summarise(rows),
             "curves": curves,
-            "timings_s": {**self.timings, "total": time.perf_counter() - t0},
+            # per stage: trained now, or read back from its metrics log; total: this invocation only
+            "timings_s": {**self.timings, "stages": sum(self.timings.values()), "total": time.perf_counter() - t0},
+            "trained": self.trained,
             "machine": machine(),
         }
         (self.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -188,6 +195,21 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------ results
+
+
+def logged_seconds(run_dir: Path) -> float | None:
+    """Wall seconds a finished stage took, from the timestamps of its metrics log (first to last row,
+    plus the first step's own duration); None without a log."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    stamped = [r for r in rows if "time" in r]
+    if not stamped:
+        return None
+    first = stamped[0]
+    step_seconds = first.get("train/step_seconds", first.get("time/step", 0.0))
+    return stamped[-1]["time"] - first["time"] + step_seconds
 
 
 def read_curves(run_dir: Path, keys: tuple[str, ...]) -> dict[str, list]:
@@ -287,7 +309,7 @@ def make_plots(results: dict, out: Path) -> list[str]:
         a2.set_title("Discriminator accuracy (teacher scored higher)")
         a2.axhline(0.5, color="gray", lw=0.5)
         for a in (a1, a2):
-            if a.lines:
+            if a.get_legend_handles_labels()[0]:  # small test runs may log no curve
                 a.legend(fontsize=7)
         fig.tight_layout()
         paths.append(_save(fig, out / "align_discriminator.png"))
@@ -302,7 +324,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
         ax.set_xlabel("RL step")
         ax.set_ylabel("mean reward of the rollouts")
         ax.set_title("RL reward over steps")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(_save(fig, out / "rl_reward.png"))
     return paths

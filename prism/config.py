@@ -109,6 +109,9 @@ class TrainSettings(RunSettings):
     micro_token_budget: int | None = Field(None, gt=0)
     """Split each micro-batch into forwards of at most this many padded tokens (examples x longest),
     similar lengths together; the batch and so the update stay the same, peak memory drops."""
+    padding_free: bool = False
+    """Pack each forward's examples into one row without padding (block-diagonal attention, each
+    sequence's own positions): the same loss, no compute on padding (prism.data.packing)."""
 
 
 class RLTrainSettings(RunSettings):

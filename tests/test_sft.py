@@ -247,3 +247,16 @@ def test_token_budget_splits_forwards_but_not_the_update(tiny_model_dir, synth_d
     a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "budget")
     for step in (1, 2, 3):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_padding_free_training_follows_the_padded_run(tiny_model_dir, synth_dir, tmp_path):
+    extra = {"train.max_steps": 3, "data.eval": "null", "model.freeze_vision": False, "model.freeze_merger": False}
+    _run(tiny_model_dir, synth_dir, tmp_path / "padded", **extra)
+    _run(tiny_model_dir, synth_dir, tmp_path / "packed", **{**extra, "train.padding_free": True})
+    a, b = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+    for step in (1, 2, 3):
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+    wa, wb = _weights(tmp_path / "padded/checkpoint-000003"), _weights(tmp_path / "packed/checkpoint-000003")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-3, msg=k)

@@ -5,9 +5,10 @@
 
 The loop, top to bottom: build the pieces (accelerator, processor, data, model, optimizer,
 scheduler), resume if a checkpoint exists, then for each optimizer step: collate the step's
-micro-batches, normalise by the step's token count over all micro-batches and processes (so
-accumulation and data parallelism give the same update as one big batch), backward, clip,
-step; log, evaluate and checkpoint on schedule.
+micro-batches (with `train.padding_free`, each packed into one row without padding), normalise
+by the step's token count over all micro-batches and processes (so accumulation and data
+parallelism give the same update as one big batch), backward, clip, step; log, evaluate and
+checkpoint on schedule.
 
 Data order is a pure function of (seed, step): each epoch is a seeded permutation, each optimizer
 step takes the next `grad_accum` global micro-batches of it, each process its slice. Resuming
@@ -28,6 +29,7 @@ from prism.checkpoint import resolve_resume
 from prism.config import SFTConfig, load_config
 from prism.data.collate import SFTCollator, token_length
 from prism.data.example import DataError, Example
+from prism.data.packing import pack
 from prism.data.formats import load_examples
 from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
                         evaluate_policy, make_optimizer, micro_batch_indices, prepare, restore_optimizer,
@@ -103,6 +105,8 @@ def train(cfg: SFTConfig) -> dict:
         nll_total = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if cfg.train.padding_free:
+                batch = pack(accelerator.unwrap_model(model), batch)
             labels = batch.pop("labels")
             with accumulating(accelerator, model, last=m == len(micro) - 1):
                 logits = model(**batch).logits

@@ -245,6 +245,13 @@ class DiscriminatorSettings(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     """Recompute the discriminator backbone's activations in the backward pass."""
+    device: str | None = None
+    """Where the discriminator computes: unset, each process's own device (the policy's); or a torch
+    device such as "cpu", or "cuda:1" in a one-process run, to keep it off the policy's GPU."""
+    offload: bool = False
+    """Keep the discriminator and its optimizer state in CPU memory outside its own phases (warm-start,
+    scoring, update), moving them to `device` for those: frees accelerator memory for generation and
+    the policy update, at the cost of two host-device copies per step."""
 
 
 class AlignSettings(Section):

@@ -279,6 +279,28 @@ def test_warmup_alone_on_its_own_data(tiny_model_dir, synth_dir, tmp_path):
     assert not list(tmp_path.glob("checkpoint-*"))  # warm-start only: the game does not start
 
 
+@pytest.mark.slow
+def test_discriminator_placement_options_change_nothing_on_one_device(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    # Here both placements are the CPU, so this checks the code path and the arithmetic, not the copies.
+    monkeypatch.setattr(align, "is_format_valid", lambda text: True)
+    extra = {"train.max_steps": 1, "data.eval": "null"}
+    a = align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "a", **extra))
+    b = align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "b", **{**extra, "discriminator.offload": True,
+                                                                      "discriminator.device": "cpu"}))
+    for key in ("disc/perception/acc", "disc/reasoning/gap", "score/perception", "actor/loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+    cfg = _cfg(tiny_model_dir, synth_dir, tmp_path / "c", **{"discriminator.device": "cuda:1"})
+    with pytest.raises(ConfigError, match="discriminator.device: 'cuda:1' names one device for all 2 processes"):
+        align.Placement(cfg, TwoProcesses())
+    offload = align.Placement(_cfg(tiny_model_dir, synth_dir, tmp_path / "c", **{"discriminator.offload": True}),
+                              TwoProcesses())
+    assert offload.home == torch.device("cpu")
+
+
 def test_bad_alignment_data_and_config(tiny_model_dir, synth_dir, tmp_path):
     rows = [json.loads(x) for x in (synth_dir / "align.jsonl").read_text().splitlines()[:4]]
     for r in rows:

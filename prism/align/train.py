@@ -27,6 +27,7 @@ optimizers and RNG states, so a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -101,14 +102,46 @@ def build_discriminator(cfg: AlignConfig, path: str | Path) -> MoEDiscriminator:
             gradient_checkpointing=d.gradient_checkpointing)
 
 
+class Placement:
+    """Where the discriminator and its optimizer state live: `home` between its phases (the CPU with
+    `discriminator.offload`), `device` during them (`with placement.active(disc, optimizer):`)."""
+
+    def __init__(self, cfg: AlignConfig, accelerator):
+        d = cfg.discriminator
+        self.device = torch.device(d.device) if d.device else accelerator.device
+        if d.device and self.device.type != "cpu" and accelerator.num_processes > 1:
+            raise ConfigError(f"discriminator.device: {d.device!r} names one device for all "
+                              f"{accelerator.num_processes} processes; leave it unset (each process's own) or use cpu")
+        self.home = torch.device("cpu") if d.offload else self.device
+
+    @staticmethod
+    def move(disc: MoEDiscriminator, optimizer, device: torch.device) -> None:
+        disc.to(device)
+        for state in optimizer.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v) and k != "step":  # Adam's step counter stays on the CPU
+                    state[k] = v.to(device)
+
+    @contextlib.contextmanager
+    def active(self, disc: MoEDiscriminator, optimizer):
+        if self.home != self.device:
+            self.move(disc, optimizer, self.device)
+        try:
+            yield
+        finally:
+            if self.home != self.device:
+                self.move(disc, optimizer, self.home)
+
+
 def _sync_grads(params: list[torch.nn.Parameter], accelerator) -> None:
     """Sum discriminator gradients over processes (each process's loss is its share of the global mean).
     D is not DDP-wrapped: each forward uses one expert's adapter, which DDP would flag as unused."""
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(accelerator.device)  # the backend's device (nccl: GPU)
     torch.distributed.all_reduce(flat)
+    flat = flat.to(params[0].device)
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
@@ -128,7 +161,7 @@ def discriminator_update(disc: MoEDiscriminator, optimizer, accelerator, cfg: Al
     """
     G = cfg.rollout.group_size
     device = disc.device
-    n_valid = float(accelerator.reduce(valid.float().sum().to(device), "sum")) if accelerator.num_processes > 1 \
+    n_valid = float(accelerator.reduce(valid.float().sum().to(accelerator.device), "sum")) if accelerator.num_processes > 1 \
         else float(valid.sum())
     params = disc.trainable_parameters()
     disc.train()
@@ -279,7 +312,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     resume_from = None if warmup_only else resolve_resume(cfg.train.resume, out)
     policy = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     disc_path = resume_from / DISC_DIR if resume_from else cfg.discriminator.path
-    disc = build_discriminator(cfg, disc_path).to(accelerator.device)
+    placement = Placement(cfg, accelerator)
+    disc = build_discriminator(cfg, disc_path).to(placement.home)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt_p, sched_p = make_optimizer(cfg, params)
     opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
@@ -293,12 +327,13 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
     if start == 0 and cfg.warmup.steps > 0:
         if (out / "warmup" / "metrics.json").is_file() and not warmup_only:  # reuse a finished warm-start
-            disc = build_discriminator(cfg, out / "warmup").to(accelerator.device)
+            disc = build_discriminator(cfg, out / "warmup").to(placement.home)
             opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
             metrics = json.loads((out / "warmup" / "metrics.json").read_text())
         else:
             warm_prompts = load_alignment_data(cfg, cfg.warmup.data) if cfg.warmup.data else prompts
-            metrics = warmup(cfg, accelerator, policy, processor, disc, opt_d, warm_prompts, out)
+            with placement.active(disc, opt_d):
+                metrics = warmup(cfg, accelerator, policy, processor, disc, opt_d, warm_prompts, out)
             opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)  # fresh for the game
         tracker.log(metrics, 0)
     if warmup_only:
@@ -322,7 +357,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
         valid = torch.tensor([is_format_valid(t) for t in rollouts.texts])
         t1 = time.perf_counter()
 
-        scores = disc.score(expanded, rollouts.texts, batch_size=cfg.discriminator.micro_batch_size * G)
+        with placement.active(disc, opt_d):
+            scores = disc.score(expanded, rollouts.texts, batch_size=cfg.discriminator.micro_batch_size * G)
         advantages = alignment_advantages(scores["perception"], scores["reasoning"], valid, G,
                                           cfg.align.alpha, cfg.align.format_penalty)
         t2 = time.perf_counter()
@@ -333,8 +369,9 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
         sched_p.step()
         t3 = time.perf_counter()
         d_metrics: dict[str, float] = {}
-        for _ in range(cfg.discriminator.steps_per_policy_step):
-            d_metrics = discriminator_update(disc, opt_d, accelerator, cfg, batch, rollouts.texts, valid)
+        with placement.active(disc, opt_d):
+            for _ in range(cfg.discriminator.steps_per_policy_step):
+                d_metrics = discriminator_update(disc, opt_d, accelerator, cfg, batch, rollouts.texts, valid)
         t4 = time.perf_counter()
 
         metrics = {f"rollout/{k}": v for k, v in rollout_monitors(batch, rollouts.texts, G).items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 import torch
@@ -237,8 +238,6 @@ def evaluate(cfg: RLConfig, accelerator, model, processor, examples: list[Exampl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["filter"]:
         from prism.rl.filter import main as filter_main

@@ -23,8 +23,10 @@ weights once: tokens/s ≤ batch × bandwidth / weight bytes).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -181,6 +183,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=512)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--bandwidth-tbs", type=float, default=None)
+    p.add_argument("--out", type=Path, help="also write the figures as JSON (for `prism-pipeline report --gpu`)")
     a = p.parse_args()
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
@@ -200,6 +203,12 @@ def main() -> None:
     print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
           f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
           f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
+    if a.out:
+        a.out.write_text(json.dumps({
+            "device": name, "size": a.size, "attn": a.attn, "batch": a.batch, "seq": a.seq,
+            "sft_step_s": sft["step_s"], "sft_tokens_per_s": sft["tokens_per_s"], "sft_mfu": mfu,
+            "peak_tflops": peak, "rollout_tokens_per_s": gen["tokens_per_s"],
+            "rollout_fraction_of_bandwidth_bound": gen["tokens_per_s"] / bound}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

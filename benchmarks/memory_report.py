@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
+import json
 import tempfile
 import threading
 import time
@@ -163,18 +164,28 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt + image tokens (projection)")
     p.add_argument("--response-tokens", type=int, default=8192)
     p.add_argument("--logits-chunk", type=int, default=2048)
+    p.add_argument("--out", type=Path, help="also write the figures as JSON (for `prism-pipeline report --memory`)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     res = measure(a)
     where = "GPU memory allocated" if torch.cuda.is_available() else "CPU resident set size"
-    print(f"measured on the tiny model ({a.batch} prompts x {a.group} rollouts, {int(res.pop('_tokens'))} "
+    tokens = int(res.pop("_tokens"))
+    print(f"measured on the tiny model ({a.batch} prompts x {a.group} rollouts, {tokens} "
           f"response tokens), peak {where} above the phase's start:")
     for k, v in res.items():
         print(f"  {k:32s} {1024 * v:8.1f} MB")
     print(f"\nprojected per GPU, {a.gpus} GPUs, ZeRO-2, bf16, gradient checkpointing "
           f"({a.prompt_tokens} + {a.response_tokens} tokens per sequence):")
-    for k, v in project(a):
+    projected = project(a)
+    for k, v in projected:
         print(f"  {k:70s} {v:7.1f} GB")
+    if a.out:
+        a.out.write_text(json.dumps({
+            "measured_mb": {k: 1024 * v for k, v in res.items()}, "where": where,
+            "measured_setting": f"tiny model, {a.batch} prompts x {a.group} rollouts, {tokens} response tokens",
+            "projected_gb": dict(projected),
+            "projected_setting": f"{a.gpus} GPUs, ZeRO-2, bf16, gradient checkpointing, {a.prompt_tokens} + "
+                                 f"{a.response_tokens} tokens per sequence"}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`prism-pipeline report`: docs/results.md generated from a pipeline's results.json — nothing hand-edited.
 
     prism-pipeline report --results runs/pipeline-full/results.json --out docs/results.md \\
-        --command "prism-pipeline --config configs/demo/pipeline.yaml --full workdir=runs/pipeline-full"
+        --command "prism-pipeline --config configs/demo/pipeline.yaml --full workdir=runs/pipeline-full" \\
+        [--memory memory.json] [--gpu gpu.json]
 
 The page has the command, versions and machine, the tables (greedy and sampled accuracy per stage and
 question type with the error split, drift, ablations), the plots (copied next to the page), and a plain
@@ -61,7 +62,32 @@ def reading(results: dict) -> list[str]:
     return lines
 
 
-def render(results: dict, plots_rel: list[str], command: str) -> str:
+def efficiency(memory: dict | None, gpu: dict | None) -> list[str]:
+    """The memory report and the GPU throughput figures (benchmarks/*.py --out), or what is missing."""
+    lines = ["## Memory and GPU efficiency", ""]
+    if memory:
+        lines += [f"Measured ({memory['measured_setting']}; peak {memory['where']} above each phase's start, "
+                  "`benchmarks/memory_report.py`):", "", "| phase | MB |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in memory["measured_mb"].items()]
+        lines += ["", f"Projected per GPU ({memory['projected_setting']}; analytic planning estimate, not a "
+                  "measurement):", "", "| | GB |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in memory["projected_gb"].items()]
+    else:
+        lines.append("No memory report given (`python benchmarks/memory_report.py --out FILE`, then `--memory FILE`).")
+    lines.append("")
+    if gpu:
+        lines.append(f"GPU ({gpu['device']}, Qwen3-VL-shaped {gpu['size']}, {gpu['attn']}, batch {gpu['batch']} x "
+                     f"{gpu['seq']} tokens): SFT MFU {100 * gpu['sft_mfu']:.1f}% of {gpu['peak_tflops']:.0f} TFLOP/s, "
+                     f"{gpu['sft_tokens_per_s']:.0f} tokens/s; rollouts {gpu['rollout_tokens_per_s']:.0f} tokens/s "
+                     f"({100 * gpu['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound).")
+    else:
+        lines.append("SFT MFU and rollout throughput: not measured — no GPU was available for this page "
+                     "(`python benchmarks/gpu_throughput.py --out FILE` on one, then `--gpu FILE`).")
+    return lines + [""]
+
+
+def render(results: dict, plots_rel: list[str], command: str, memory: dict | None = None,
+           gpu: dict | None = None) -> str:
     m = results["machine"]
     s = results["summary"]
     drift_rows = [r for r in s if "sampled/accuracy" in s[r] and "drift/embedding_mmd" in s[r]]
@@ -115,6 +141,7 @@ def render(results: dict, plots_rel: list[str], command: str) -> str:
         "",
         *[f"- {line}" for line in reading(results)],
         "",
+        *efficiency(memory, gpu),
     ]
     return "\n".join(parts)
 
@@ -124,8 +151,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--results", required=True)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--command", default="prism-pipeline --config configs/demo/pipeline.yaml --full")
+    p.add_argument("--memory", help="JSON of benchmarks/memory_report.py --out")
+    p.add_argument("--gpu", help="JSON of benchmarks/gpu_throughput.py --out")
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
+    memory = json.loads(Path(a.memory).read_text()) if a.memory else None
+    gpu = json.loads(Path(a.gpu).read_text()) if a.gpu else None
     out = Path(a.out)
     (out.parent / "plots").mkdir(parents=True, exist_ok=True)
     rel = []
@@ -133,7 +164,7 @@ def main(argv: list[str] | None = None) -> str:
         dest = out.parent / "plots" / Path(plot).name
         shutil.copy2(plot, dest)
         rel.append(f"plots/{dest.name}")
-    text = render(results, rel, a.command)
+    text = render(results, rel, a.command, memory, gpu)
     out.write_text(text)
     print(f"wrote {out}")
     return text

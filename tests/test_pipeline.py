@@ -69,6 +69,15 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
 
     page = render(again, ["plots/accuracy_per_stage.png"], "prism-pipeline --config x.yaml")
     assert "| PRISM+grpo |" in page and "prism-pipeline --config x.yaml" in page and "## Reading" in page
+    assert "not measured — no GPU was available" in page
+    memory = {"measured_mb": {"generation": 51.0}, "where": "CPU resident set size", "measured_setting": "tiny",
+              "projected_gb": {"4B policy: training peak": 23.4}, "projected_setting": "8 GPUs"}
+    gpu = {"device": "H100", "size": "1.7b", "attn": "sdpa", "batch": 8, "seq": 2048, "sft_mfu": 0.5,
+           "peak_tflops": 989.0, "sft_tokens_per_s": 1e5, "rollout_tokens_per_s": 2e3,
+           "rollout_fraction_of_bandwidth_bound": 0.3}
+    page = render(again, [], "x", memory, gpu)
+    assert "| generation | 51.0 |" in page and "| 4B policy: training peak | 23.4 |" in page
+    assert "SFT MFU 50.0% of 989 TFLOP/s" in page
 
 
 def test_bad_pipeline_configs_name_the_key(tmp_path):

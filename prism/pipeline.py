@@ -198,8 +198,9 @@ class Pipeline:
 
 
 def logged_seconds(run_dir: Path) -> float | None:
-    """Wall seconds a finished stage took, from the timestamps of its metrics log (first to last row,
-    plus the first step's own duration); None without a log."""
+    """Seconds a finished stage spent in its training steps, from the timestamps of its metrics log
+    (first to last row, plus the first step's own duration; loading and ALIGN's warm-start are not
+    in it); None without a log."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None

@@ -113,7 +113,8 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         f"- machine: {m['platform']}, {m['cpu_count']} CPU cores, CUDA: {m['cuda']}, torch threads {m['threads']}",
         f"- versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}",
         f"- time: {results['timings_s'].get('stages', results['timings_s']['total']) / 60:.1f} min of training summed "
-        f"over the stages (read from their logs; stages may have run in parallel processes), "
+        f"over the stages (their training steps, read from their logs; stages may have run in parallel "
+        f"processes), "
         f"{results['timings_s']['total'] / 60:.1f} min for the invocation that wrote results.json",
         "",
         "Model: the tiny random Qwen3-VL of `prism-tiny`, trained from scratch. Data: `prism-synth` colour grids; "

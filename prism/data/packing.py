@@ -49,8 +49,8 @@ def pack(model, batch: dict[str, torch.Tensor]) -> dict:
 
     batch: input_ids / attention_mask / labels [B, T] (+ mm_token_type_ids [B, T], pixel_values,
     image_grid_thw). Returns input_ids / labels [1, S], position_ids [4, 1, S], the image inputs
-    unchanged, no attention_mask and use_cache=False. The label of each sequence's first token is IGNORE_INDEX, so
-    no loss is taken across a boundary (position t predicts token t + 1).
+    unchanged, no attention_mask and use_cache=False. The label of each sequence's first token is
+    IGNORE_INDEX, so no loss is taken across a boundary (position t predicts token t + 1).
     """
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(-1)

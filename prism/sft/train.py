@@ -29,8 +29,8 @@ from prism.checkpoint import resolve_resume
 from prism.config import SFTConfig, load_config
 from prism.data.collate import SFTCollator, token_length
 from prism.data.example import DataError, Example
-from prism.data.packing import pack
 from prism.data.formats import load_examples
+from prism.data.packing import pack
 from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
                         evaluate_policy, make_optimizer, micro_batch_indices, prepare, restore_optimizer,
                         save_policy_checkpoint, setup_run)

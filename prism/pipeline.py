@@ -266,6 +266,18 @@ def format_table(summary: dict, group: str = "greedy", markdown: bool = False) -
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [header, *body])
 
 
+def mean_over_seeds(curves: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
+    """{"seed0/PRISM": {key: [[step, v], ...]}, ...} -> {"PRISM": {key: [(step, mean over seeds), ...]}}."""
+    grouped: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for run, c in curves.items():
+        row = run.split("/", 1)[1]
+        for key, points in c.items():
+            for step, v in points:
+                grouped.setdefault(row, {}).setdefault(key, {}).setdefault(step, []).append(v)
+    return {row: {key: [(step, statistics.fmean(vs)) for step, vs in sorted(by_step.items())]
+                  for key, by_step in keys.items()} for row, keys in grouped.items()}
+
+
 def make_plots(results: dict, out: Path) -> list[str]:
     """PNG plots: accuracy per stage; ALIGN expert gap and discriminator accuracy; RL reward over steps."""
     import matplotlib
@@ -291,42 +303,42 @@ def make_plots(results: dict, out: Path) -> list[str]:
     fig.tight_layout()
     paths.append(_save(fig, out / "accuracy_per_stage.png"))
 
-    align_runs = {k: v for k, v in results["curves"].items() if "/PRISM" in k and "+" not in k}
-    if align_runs:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for run, c in align_runs.items():
+    curves = mean_over_seeds(results["curves"])
+    legend = {"fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+    align_rows = {k: v for k, v in curves.items() if k.startswith("PRISM") and "+" not in k}
+    if align_rows:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for i, (row, c) in enumerate(align_rows.items()):
+            colour = f"C{i % 10}"
             for expert, style in (("perception", "-"), ("reasoning", "--")):
-                if c.get(f"disc/{expert}/gap"):
-                    s, v = zip(*c[f"disc/{expert}/gap"])
-                    a1.plot(s, v, style, label=f"{run} {expert}")
-                if c.get(f"disc/{expert}/acc"):
-                    s, v = zip(*c[f"disc/{expert}/acc"])
-                    a2.plot(s, v, style, label=f"{run} {expert}")
+                for ax, key in ((a1, f"disc/{expert}/gap"), (a2, f"disc/{expert}/acc")):
+                    if c.get(key):
+                        s_, v = zip(*c[key])
+                        ax.plot(s_, v, style, color=colour, label=f"{row} {expert}")
         a1.set_xlabel("ALIGN step")
         a1.set_ylabel("teacher − policy score")
-        a1.set_title("Per-expert score gap")
+        a1.set_title("Per-expert score gap (mean over seeds)")
         a2.set_xlabel("ALIGN step")
         a2.set_ylabel("discriminator pairwise accuracy")
-        a2.set_title("Discriminator accuracy (teacher scored higher)")
+        a2.set_title("Discriminator accuracy (mean over seeds)")
         a2.axhline(0.5, color="gray", lw=0.5)
-        for a in (a1, a2):
-            if a.get_legend_handles_labels()[0]:  # small test runs may log no curve
-                a.legend(fontsize=7)
+        if a2.get_legend_handles_labels()[0]:  # small test runs may log no curve
+            a2.legend(**legend)
         fig.tight_layout()
         paths.append(_save(fig, out / "align_discriminator.png"))
 
-    rl_runs = {k: v for k, v in results["curves"].items() if "→" in k or "+" in k}
-    if rl_runs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for run, c in rl_runs.items():
+    rl_rows = {k: v for k, v in curves.items() if "→" in k or "+" in k}
+    if rl_rows:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for row, c in rl_rows.items():
             if c.get("rollout/reward"):
-                s, v = zip(*c["rollout/reward"])
-                ax.plot(s, v, label=run)
+                s_, v = zip(*c["rollout/reward"])
+                ax.plot(s_, v, "--" if row.startswith("PRISM") else "-", label=row)
         ax.set_xlabel("RL step")
         ax.set_ylabel("mean reward of the rollouts")
-        ax.set_title("RL reward over steps")
+        ax.set_title("RL reward over steps (mean over seeds)")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(**legend)
         fig.tight_layout()
         paths.append(_save(fig, out / "rl_reward.png"))
     return paths

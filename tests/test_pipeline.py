@@ -90,3 +90,15 @@ def test_bad_pipeline_configs_name_the_key(tmp_path):
     cfg = load_config(PipelineConfig, _config(tmp_path, sft={"config": str(tmp_path / "missing.yaml")}))
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         Pipeline(cfg).sft(0)
+
+
+def test_curves_are_averaged_over_seeds_step_by_step():
+    from prism.pipeline import mean_over_seeds
+
+    curves = {"seed0/PRISM": {"disc/perception/acc": [[1, 0.5], [2, 0.7]]},
+              "seed1/PRISM": {"disc/perception/acc": [[1, 0.7], [2, 0.9], [3, 1.0]]},
+              "seed0/SFT→grpo": {"rollout/reward": [[1, 0.25]]}}
+    out = mean_over_seeds(curves)
+    assert out["PRISM"]["disc/perception/acc"] == [(1, pytest.approx(0.6)), (2, pytest.approx(0.8)), (3, 1.0)]
+    assert out["SFT→grpo"]["rollout/reward"] == [(1, 0.25)]
+

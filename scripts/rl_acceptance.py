@@ -1,7 +1,7 @@
 """Does RLVR raise held-out accuracy beyond seed-to-seed noise? GRPO, DAPO and GSPO from one SFT checkpoint.
 
     OMP_NUM_THREADS=1 python scripts/rl_acceptance.py [--workdir runs/rl-acceptance] [--seeds 0 1] \
-        [--algos grpo dapo gspo] [--rl-steps 120] [--parallel 2]
+        [--algos grpo dapo gspo] [--rl-steps 150] [--parallel 2]
 
 1. `prism-synth --grids 3,4`: the harder 4x4 questions next to 3x3 ones;
 2. SFT of the tiny model on the drifted public pool (`configs/sft/public.yaml`, `--sft-steps`): imperfect

@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 
 from prism.losses.sft import IGNORE_INDEX
+from prism.models.loader import unwrap
 
 
 def _vl_model(model):
     """The Qwen-VL base model (the one with `get_rope_index`) inside peft / accelerate wrappers."""
-    m = getattr(model, "module", model)  # DDP
-    if hasattr(m, "get_base_model"):  # peft
-        m = m.get_base_model()
+    m = unwrap(model)
     inner = getattr(m, "model", m)
     if not hasattr(inner, "get_rope_index"):
         raise TypeError(f"{type(m).__name__}: padding-free batches need a Qwen-VL model (no get_rope_index)")

@@ -109,3 +109,10 @@ def load_model(s: ModelSettings, *, trainable: bool = True, device: torch.device
         model.config.use_cache = False
     log.info("trainable parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
     return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The *ForConditionalGeneration model inside DDP / DeepSpeed / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -75,7 +75,7 @@ def policy_update(
             totals = torch.tensor([float(mask_rows.sum()), float(len(rows))], device=device)
             num_tokens, num_seqs = accelerator.reduce(totals, "sum").tolist()
             if algo.micro_token_budget:
-                lengths = (rollouts.prompt["attention_mask"][rows].sum(-1) + rollouts.response_lengths[rows]).tolist()
+                lengths = rollouts.sequence_lengths[rows].tolist()
                 micro = [rows[torch.as_tensor(b)] for b in token_budget_batches(lengths, algo.micro_token_budget)]
             else:
                 micro = rows.split(algo.micro_batch_size)

@@ -80,6 +80,11 @@ class Rollouts:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    @property
+    def sequence_lengths(self) -> torch.Tensor:
+        """[N] real tokens of each row: prompt (image tokens included) + response."""
+        return self.prompt["attention_mask"].sum(-1) + self.response_lengths
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> "Rollouts":
         """The rows `rows` (in that order), with columns that became all-padding trimmed."""
         rows = torch.as_tensor(rows, dtype=torch.long)

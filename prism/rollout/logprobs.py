@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from prism.models.loader import unwrap
 from prism.rollout.batching import token_budget_batches
 from prism.rollout.engine import Rollouts
 
@@ -67,13 +68,6 @@ def head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Te
     return lp, ent
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The *ForConditionalGeneration model inside DDP / DeepSpeed / peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def token_log_probs(
     model: torch.nn.Module,
     rollouts: Rollouts,
@@ -92,8 +86,7 @@ def token_log_probs(
     """
     n = len(rollouts)
     if token_budget:
-        lengths = (rollouts.prompt["attention_mask"].sum(-1) + rollouts.response_lengths).tolist()
-        groups = token_budget_batches(lengths, token_budget)
+        groups = token_budget_batches(rollouts.sequence_lengths.tolist(), token_budget)
     else:
         step = chunk_size or max(n, 1)
         groups = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
@@ -121,7 +114,7 @@ def _log_probs(model: torch.nn.Module, part: Rollouts, temperature: float, with_
     if T == 0:
         empty = part.log_probs.new_zeros(len(part), 0, device=device)
         return empty, (empty if with_entropy else None)
-    base = _unwrapped(model)
+    base = unwrap(model)
     head, final_norm = base.get_output_embeddings(), base.get_decoder().norm
     inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
     captured = []

@@ -197,15 +197,17 @@ class Pipeline:
 # ------------------------------------------------------------------------------------ results
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] without one)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def logged_seconds(run_dir: Path) -> float | None:
     """Seconds a finished stage spent in its training steps, from the timestamps of its metrics log
     (first to last row, plus the first step's own duration; loading and ALIGN's warm-start are not
     in it); None without a log."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    stamped = [r for r in rows if "time" in r]
+    stamped = [r for r in metric_rows(run_dir) if "time" in r]
     if not stamped:
         return None
     first = stamped[0]
@@ -215,15 +217,8 @@ def logged_seconds(run_dir: Path) -> float | None:
 
 def read_curves(run_dir: Path, keys: tuple[str, ...]) -> dict[str, list]:
     """{key: [[step, value], ...]} from a run's metrics.jsonl."""
-    out: dict[str, list] = {k: [] for k in keys}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            for k in keys:
-                if k in row and row["step"] > 0:
-                    out[k].append([row["step"], row[k]])
-    return out
+    rows = [r for r in metric_rows(run_dir) if r["step"] > 0]
+    return {k: [[r["step"], r[k]] for r in rows if k in r] for k in keys}
 
 
 TABLE_KEYS = ("accuracy", "acc/count", "acc/compare", "acc/row_count", "acc/most", "caption_match",

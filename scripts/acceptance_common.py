@@ -4,6 +4,7 @@ mean ± std formatting."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -14,6 +15,16 @@ from pathlib import Path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
+
+
+def common_arguments(p: argparse.ArgumentParser, workdir: str) -> None:
+    """The options every acceptance script takes: where, which seeds, the SFT start, the evaluation."""
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--samples", type=int, default=4, help="sampled answers per test prompt (temperature 1)")
+    p.add_argument("--limit", type=int, default=300, help="test prompts evaluated")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
 
 
 def sh(*cmd: str, log: Path | None = None) -> float:

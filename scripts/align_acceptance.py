@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from acceptance_common import mean_std, prism_eval, public_sft, sh
+from acceptance_common import common_arguments, mean_std, prism_eval, public_sft, sh
 
 CURVE_KEYS = ("disc/perception/acc", "disc/reasoning/acc", "disc/perception/gap", "disc/reasoning/gap",
               "rollout/caption_match", "rollout/accuracy", "rollout/format_rate")
@@ -45,14 +45,9 @@ def curves(run: Path) -> dict[str, list]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, default=Path("runs/align-acceptance"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--sft-steps", type=int, default=600)
+    common_arguments(p, "runs/align-acceptance")
     p.add_argument("--align-steps", type=int, default=60)
     p.add_argument("--warmup-steps", type=int, default=1000, help="of the warm-start check against corruptions")
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--limit", type=int, default=300)
-    p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--align-overrides", nargs="*", default=[])
     a = p.parse_args()
     w = a.workdir

@@ -27,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from acceptance_common import mean_std, prism_eval, public_sft, sh
+from acceptance_common import common_arguments, mean_std, prism_eval, public_sft, sh
 
 def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
     r = prism_eval(model, data, samples, limit)
@@ -37,14 +37,9 @@ def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, default=Path("runs/rl-acceptance"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    common_arguments(p, "runs/rl-acceptance")
     p.add_argument("--algos", nargs="+", default=["grpo", "dapo", "gspo"])
-    p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--rl-steps", type=int, default=150)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--limit", type=int, default=300)
-    p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--rl-overrides", nargs="*", default=[])
     a = p.parse_args()
     w = a.workdir

@@ -112,6 +112,10 @@ class TrainSettings(RunSettings):
     padding_free: bool = False
     """Pack each forward's examples into one row without padding (block-diagonal attention, each
     sequence's own positions): the same loss, no compute on padding (prism.data.packing)."""
+    logits_chunk: int = Field(2048, ge=0)
+    """Labelled positions per output-head slice: the loss never builds [batch, tokens, vocab] logits,
+    and the head runs on labelled tokens only (prism.losses.sft.head_token_nll). 0: the model's
+    full logits (shifted_token_nll)."""
 
 
 class RLTrainSettings(RunSettings):

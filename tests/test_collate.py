@@ -10,7 +10,7 @@ from PIL import Image
 
 from prism.data.collate import SFTCollator, encode_prompts, render
 from prism.data.example import DataError, Example
-from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
+from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
 
 ANSWER = "<caption>row 1: red blue</caption><think>One red.</think><answer>1</answer>"
 
@@ -212,6 +212,28 @@ def test_shifted_nll_is_float32_for_bfloat16_logits():
     assert nll.item() == pytest.approx(2 * math.log(3), rel=1e-6)
 
 
+def test_head_token_nll_equals_the_full_logits_loss_with_its_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 7, 1],
+                           [IGNORE_INDEX, 4, 4, IGNORE_INDEX, IGNORE_INDEX]])
+    ref, n_ref = shifted_token_nll(head(hidden), labels)
+    ref.backward()
+    ref_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    nll, n = head_token_nll(hidden, head, labels, logits_chunk=2)  # 5 labelled positions: slices of 2, 2, 1
+    nll.backward()
+    assert n.item() == n_ref.item() == 5
+    assert nll.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(hidden.grad, ref_grads[0], atol=1e-6) and torch.allclose(head.weight.grad, ref_grads[1], atol=1e-6)
+    assert hidden.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+    assert hidden.grad[1, 2:].abs().sum() == 0  # nor do positions whose next label is ignored
+
+
 def test_all_ignored_labels_give_zero_loss_and_count():
+    nll, n = head_token_nll(torch.randn(1, 3, 4), torch.nn.Linear(4, 5), torch.full((1, 3), IGNORE_INDEX))
+    assert nll.item() == 0.0 and n.item() == 0
+
     nll, n = shifted_token_nll(torch.randn(1, 3, 5), torch.full((1, 3), IGNORE_INDEX))
     assert nll.item() == 0.0 and n.item() == 0

@@ -10,8 +10,9 @@ from prism.data.collate import SFTCollator
 from prism.data.formats import load_examples
 from prism.data.packing import pack
 from prism.data.synthetic import SynthConfig, generate
-from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
+from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
+from prism.rollout.logprobs import final_hidden_states, output_head
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,13 @@ def examples(tmp_path_factory):
     return rows
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, logits_chunk=0):
     model.zero_grad(set_to_none=True)
     labels = batch.pop("labels")
-    nll, n = shifted_token_nll(model(**batch).logits, labels)
+    if logits_chunk:  # prism-sft's default: hidden states, then the head on labelled positions only
+        nll, n = head_token_nll(final_hidden_states(model, batch), output_head(model), labels, logits_chunk)
+    else:
+        nll, n = shifted_token_nll(model(**batch).logits, labels)
     (nll / n).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return (nll / n).item(), int(n), grads
@@ -54,12 +58,19 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, tiny_p
     assert len(starts) == len(examples) and starts[0] == 0
 
     loss_a, n_a, grads_a = _loss_and_grads(model, dict(padded))
-    loss_b, n_b, grads_b = _loss_and_grads(model, packed)
+    loss_b, n_b, grads_b = _loss_and_grads(model, dict(packed))
     assert n_a == n_b
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     assert grads_a.keys() == grads_b.keys() and any("visual" in k for k in grads_a)
     for k in grads_a:
         torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-5, rtol=1e-4, msg=k)
+    # prism-sft's chunked head (8-token slices here) gives the same loss and gradients, padded or packed
+    for batch in (padded, packed):
+        loss_c, n_c, grads_c = _loss_and_grads(model, dict(batch), logits_chunk=8)
+        assert n_c == n_a and loss_c == pytest.approx(loss_a, abs=1e-5)
+        assert grads_c.keys() == grads_a.keys()
+        for k in grads_a:
+            torch.testing.assert_close(grads_c[k], grads_a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_packing_keeps_sequences_apart(tiny_model_dir, tiny_processor, examples):

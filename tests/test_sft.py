@@ -129,15 +129,15 @@ def test_sigkill_mid_save_keeps_previous_checkpoint_and_resume_completes(tiny_mo
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
-    real = sft.shifted_token_nll
+    real = sft.head_token_nll
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(*args):
         calls["n"] += 1
-        nll, n = real(logits, labels)
+        nll, n = real(*args)
         return (nll * float("nan") if calls["n"] >= 3 else nll), n
 
-    monkeypatch.setattr(sft, "shifted_token_nll", poisoned)
+    monkeypatch.setattr(sft, "head_token_nll", poisoned)
     with pytest.raises(sft.NonFiniteLossError, match="step 3.*last good checkpoint"):
         _run(tiny_model_dir, synth_dir, tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "data.eval": "null"})
     assert (tmp_path / "checkpoint-000002" / "trainer_state.json").is_file()

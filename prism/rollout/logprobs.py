@@ -114,19 +114,31 @@ def _log_probs(model: torch.nn.Module, part: Rollouts, temperature: float, with_
     if T == 0:
         empty = part.log_probs.new_zeros(len(part), 0, device=device)
         return empty, (empty if with_entropy else None)
-    base = unwrap(model)
-    head, final_norm = base.get_output_embeddings(), base.get_decoder().norm
     inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
-    captured = []
-    hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
-    try:
-        # logits_to_keep=1: the model's own head only sees the last position; the response
-        # positions go through `head_log_probs` below, a slice at a time.
-        model(**inputs, logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    hidden = captured[-1][:, -(T + 1):-1]  # position t predicts response token t
-    lp, ent = head_log_probs(hidden, head, part.response_ids.to(device), temperature, with_entropy,
+    hidden = final_hidden_states(model, inputs)[:, -(T + 1):-1]  # position t predicts response token t
+    lp, ent = head_log_probs(hidden, output_head(model), part.response_ids.to(device), temperature, with_entropy,
                              part.meta.get("suppress_ids"), logits_chunk)
     mask = part.response_mask.to(device)
     return lp.masked_fill(~mask, 0.0), (ent.masked_fill(~mask, 0.0) if with_entropy else None)
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output head (lm_head) of a policy, through any DDP / DeepSpeed / PEFT wrapper."""
+    return unwrap(model).get_output_embeddings()
+
+
+def final_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """[B, S, H] hidden states after the decoder's final norm, i.e. what the output head would see.
+
+    The forward is the model's own (through its wrapper, so DDP / DeepSpeed hooks run) with
+    logits_to_keep=1: its head only sees the last position, and no [B, S, V] logits exist. The
+    caller sends the positions it needs through `head_log_probs`, a slice at a time.
+    """
+    final_norm = unwrap(model).get_decoder().norm
+    captured = []
+    hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        model(**{**inputs, "logits_to_keep": 1, "use_cache": False})
+    finally:
+        hook.remove()
+    return captured[-1]

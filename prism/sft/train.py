@@ -34,10 +34,11 @@ from prism.data.packing import pack
 from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
                         evaluate_policy, make_optimizer, micro_batch_indices, prepare, restore_optimizer,
                         save_policy_checkpoint, setup_run)
-from prism.losses.sft import IGNORE_INDEX, shifted_token_nll
+from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.rollout.batching import token_budget_batches
+from prism.rollout.logprobs import final_hidden_states, output_head
 from prism.tracking import Tracker
 
 log = logging.getLogger("prism.sft")
@@ -109,8 +110,11 @@ def train(cfg: SFTConfig) -> dict:
                 batch = pack(accelerator.unwrap_model(model), batch)
             labels = batch.pop("labels")
             with accumulating(accelerator, model, last=m == len(micro) - 1):
-                logits = model(**batch).logits
-                nll, _ = shifted_token_nll(logits, labels)
+                if cfg.train.logits_chunk:
+                    nll, _ = head_token_nll(final_hidden_states(model, batch), output_head(model), labels,
+                                            cfg.train.logits_chunk)
+                else:
+                    nll, _ = shifted_token_nll(model(**batch).logits, labels)
                 # DDP averages gradients over processes, hence the factor `world`.
                 backward(accelerator, nll * world / n_tokens)
             nll_total += nll.detach()

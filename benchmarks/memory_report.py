@@ -100,7 +100,7 @@ def measure(a) -> dict[str, float]:
     model = load_model(ModelSettings(path=str(model_dir), gradient_checkpointing=a.checkpointing), trainable=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    model, opt = prepare(acc, model, opt, 16)
+    model, opt, _ = prepare(acc, model, opt, 16)
     disc = MoEDiscriminator.from_pretrained(model_dir)
     d_opt = torch.optim.AdamW(disc.trainable_parameters(), lr=1e-4)
     res: dict[str, float] = {}

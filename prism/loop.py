@@ -23,6 +23,7 @@ from prism.checkpoint import load_trainer_state, save_checkpoint
 from prism.config import save_config
 from prism.data.example import Example
 from prism.eval.metrics import score_responses
+from prism.models.loader import is_fully_sharded
 from prism.rollout.engine import SamplingParams, generate
 
 log = logging.getLogger("prism")
@@ -38,12 +39,31 @@ class NonFiniteLossError(RunError):
 
 def make_accelerator(cpu: bool = False) -> Accelerator:
     """The run's Accelerator. Without a GPU it runs on the CPU: plain processes or DDP over gloo, and
-    DeepSpeed when launched with a DeepSpeed config (accelerate's `cpu=True` would silently fall back
-    to DDP, and without an explicit gloo backend it would see every process as rank 0 of 1)."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if not torch.cuda.is_available() and deepspeed and not cpu:
+    DeepSpeed or FSDP2 when launched with such a config (accelerate's `cpu=True` would silently fall
+    back to DDP; for DeepSpeed, without an explicit gloo backend it would see every process as rank 0
+    of 1)."""
+    on_cpu = cpu or not torch.cuda.is_available()
+    if on_cpu and not cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    return Accelerator(cpu=cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=on_cpu)
+    if on_cpu and not cpu and _env_flag("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1:
+        # accelerate shards only on accelerators: give its state what a GPU launch would, so that
+        # fully_shard runs over gloo (how FSDP2 is tested without GPUs).
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+        if plugin.fsdp_version != 2:
+            raise RunError("FSDP on the CPU: only fsdp_version 2 (FSDP2) is supported")
+        from accelerate.state import PartialState
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def setup_run(cfg) -> tuple[Accelerator, Path]:
@@ -59,6 +79,10 @@ def setup_run(cfg) -> tuple[Accelerator, Path]:
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 @contextmanager
@@ -117,14 +141,17 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter]):
 
 
 def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):
-    """`accelerator.prepare(model, optimizer)`. prism batches by itself (no dataloader), so under DeepSpeed
-    the per-process micro-batch size is given to its config here (it only enters DeepSpeed's
+    """`accelerator.prepare(model, optimizer)` -> (model, optimizer, trainable parameters of the prepared
+    model). The parameters are read again afterwards because FSDP2 replaces them with sharded ones
+    (clipping the old list would clip nothing). prism batches by itself (no dataloader), so under
+    DeepSpeed the per-process micro-batch size is given to its config here (it only enters DeepSpeed's
     bookkeeping: prism's own accumulation decides when the engine steps, see `accumulating`)."""
     if is_deepspeed(accelerator):
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
         ds["train_batch_size"] = micro_batch_size * ds.get("gradient_accumulation_steps", 1) * accelerator.num_processes
-    return accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, [p for p in model.parameters() if p.requires_grad]
 
 
 def clip_grad_norm(accelerator: Accelerator, params, max_norm: float | None) -> float:
@@ -133,6 +160,8 @@ def clip_grad_norm(accelerator: Accelerator, params, max_norm: float | None) -> 
     if not max_norm:
         return float("nan")
     norm = accelerator.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
     return float(norm) if norm is not None else float("nan")
 
 
@@ -156,7 +185,9 @@ def evaluate_policy(accelerator: Accelerator, model, processor, examples: Sequen
     """One response per held-out example (greedy, or sampled at `temperature`), sharded over
     processes; answer accuracy, format validity and (synthetic task) caption match."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+    # padded to equal shares (the last index repeated), so that every process runs as many generate
+    # calls: under ZeRO-3 / FSDP2 each of their forwards is a collective
+    with accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as mine:
         texts = generate(accelerator.unwrap_model(model), processor, [examples[i] for i in mine], params,
                          batch_size=batch_size)
     by_index = dict(zip(gather_object(list(mine)), gather_object(texts)))
@@ -169,20 +200,25 @@ def save_policy_checkpoint(cfg, accelerator: Accelerator, step: int, model, proc
     """Atomic checkpoint of a policy: weights (or adapter, + merged), processor, optimizer, scheduler,
     resolved config, RNG states and `state` (trainer_state.json). `extra(tmp_dir)` adds stage files."""
 
-    deepspeed = is_deepspeed(accelerator)
-    # ZeRO-3 shards the weights themselves: gather a full state dict (a collective) for rank 0 to write.
-    state_dict = accelerator.get_state_dict(model) if deepspeed else None
+    deepspeed, fsdp = is_deepspeed(accelerator), is_fsdp(accelerator)
+    # ZeRO-3 and FSDP2 shard the weights themselves: gather a full state dict (a collective) for rank 0
+    # to write; under FSDP2 the optimizer state too, so that a run resumes on any number of processes.
+    state_dict = accelerator.get_state_dict(model) if deepspeed or fsdp else None
+    optimizer_state = full_optimizer_state(model, optimizer) if fsdp else None
 
     def write(tmp: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(tmp)
-        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and fsdp:
+            log.warning("model.lora.merge_on_save: no merged copy under FSDP (the adapter is saved; merge it "
+                        "afterwards with peft's merge_and_unload)")
+        elif cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
             merged = copy.deepcopy(unwrapped).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             processor.save_pretrained(tmp / "merged")
         if not deepspeed:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state if fsdp else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_config(cfg, tmp / "config.yaml")
         if extra is not None:
@@ -212,11 +248,36 @@ def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None) -
         model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag="state", load_optimizer_states=True,
                               load_lr_scheduler_states=False, load_module_only=False)
     else:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        by_name = all(isinstance(k, str) for k in saved.get("state", {}))
+        if is_fully_sharded(model) or (by_name and saved.get("state")):
+            if not by_name:
+                raise RunError(f"train.resume: {ckpt} holds an optimizer state saved without FSDP; resume it "
+                               "without FSDP (its parameters are numbered, FSDP2 needs their names)")
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, _torch_optimizer(optimizer), saved,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     state = load_trainer_state(ckpt, rank)
     log.info("resumed from %s at step %d", ckpt, state["step"])
     return state
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The whole optimizer state of an FSDP2 model, keyed by parameter names (a collective: every process
+    calls it; rank 0 receives the tensors, on the CPU). Loads on any number of processes, with or
+    without FSDP (`restore_optimizer`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # inside accelerate's AcceleratedOptimizer
 
 
 def check_finite(step: int, out: Path, **values: float) -> None:

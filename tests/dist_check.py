@@ -2,6 +2,7 @@
 
     python tests/dist_check.py MODEL_DIR DATA_DIR OUT_FILE
     accelerate launch --config_file configs/accelerate/ddp_cpu.yaml tests/dist_check.py MODEL_DIR DATA_DIR OUT_FILE
+    (or zero2_cpu.yaml, fsdp2_cpu.yaml)
 
 Every process samples the same rollouts for the same prompts (same seed), then keeps its share of the
 prompt groups, as the trainers do. With the losses normalised by global token / sequence counts, the
@@ -50,7 +51,7 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
     # plain SGD: the update is the (clipped) gradient itself. Clipping at 1.0 is also what the DeepSpeed
     # config of configs/accelerate/zero2_cpu.yaml does inside its engine.
     optimizer = torch.optim.SGD(params, lr=0.5)
-    model, optimizer = prepare(acc, model, optimizer, 2)
+    model, optimizer, params = prepare(acc, model, optimizer, 2)
     torch.manual_seed(1)  # the mini-batch shuffle
     metrics = policy_update(model, optimizer, acc, rollouts.select(mine), advantages[mine], cfg.algo,
                             temperature=1.0, logprob_chunk_size=2, params=params, max_grad_norm=1.0)
@@ -65,8 +66,9 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
     batch = prompts[rank * share:(rank + 1) * share]
     d_metrics = discriminator_update(disc, d_opt, acc, cfg, batch, [rollouts.texts[i] for i in mine], valid[mine])
 
+    full = acc.get_state_dict(model)  # a collective under FSDP2, which shards the weights themselves
     if rank == 0:
-        policy = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+        policy = {k: v.detach().clone() for k, v in full.items()}
         heads = {k: v.detach().clone() for k, v in disc.state_dict().items() if "lora_" in k or "heads." in k}
         torch.save({"policy": policy, "disc": heads, "loss": metrics["loss"], "d_loss": d_metrics.get("loss"),
                     "distributed_type": str(acc.distributed_type), "processes": world}, out_file)

@@ -1,7 +1,7 @@
-"""Multi-process paths with 2 CPU processes (gloo), under DDP and DeepSpeed ZeRO-2: the SFT, RL and ALIGN
-updates give the same losses and weights as one process with the same global batch, and prism-rl /
-prism-align run under accelerate without hanging, save once, and resume (DDP: on a different number
-of processes; DeepSpeed: from its sharded optimizer states)."""
+"""Multi-process paths with 2 CPU processes (gloo), under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2: the
+SFT, RL and ALIGN updates give the same losses and weights as one process with the same global batch,
+and prism-rl / prism-align run under accelerate without hanging, save once, and resume (DDP and FSDP2:
+on a different number of processes; DeepSpeed: from its sharded optimizer states)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml")]
 ZERO2 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/zero2_cpu.yaml")]
 ZERO3 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/zero3_cpu.yaml")]
+FSDP2 = [*LAUNCH[:-1], str(REPO / "configs/accelerate/fsdp2_cpu.yaml")]
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -39,13 +40,15 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "zero2"])
+@pytest.mark.parametrize("launcher", ["ddp", "zero2", "fsdp2"])
 def test_rl_and_align_updates_do_not_depend_on_the_number_of_processes(tiny_model_dir, synth_dir, tmp_path, launcher):
     script = str(REPO / "tests/dist_check.py")
     _run([sys.executable, script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "one.pt")])
-    _run([*(LAUNCH if launcher == "ddp" else ZERO2), script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "two.pt")])
+    launch = {"ddp": LAUNCH, "zero2": ZERO2, "fsdp2": FSDP2}[launcher]
+    _run([*launch, script, str(tiny_model_dir), str(synth_dir), str(tmp_path / "two.pt")])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert two["processes"] == 2 and two["distributed_type"].endswith("DEEPSPEED" if launcher == "zero2" else "MULTI_CPU")
+    kind = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "fsdp2": "FSDP"}[launcher]
+    assert two["processes"] == 2 and two["distributed_type"].endswith(kind)
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
     moved = 0
     for part in ("policy", "disc"):
@@ -180,3 +183,43 @@ def test_every_stage_under_zero3(tiny_model_dir, synth_dir, tmp_path):
         "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 1,
         "warmup.batch_size": 2, "warmup.eval_pairs": 2})])
     assert _steps(align) == [0, 1, 2] and (align / "checkpoint-000002/discriminator/heads.safetensors").is_file()
+
+
+def test_every_stage_under_fsdp2(tiny_model_dir, synth_dir, tmp_path):
+    """FSDP2 (fully_shard, over gloo here) shards weights, gradients and optimizer state: SFT matches one
+    process step for step, evaluates with a generate whose shares are uneven (3 examples on 2 processes),
+    saves full weights and a full optimizer state that a one-process run without FSDP resumes exactly;
+    RL (with a reference model) and ALIGN run, sampling from the sharded policy."""
+    from transformers import AutoModelForImageTextToText
+
+    common = [f"model.path={tiny_model_dir}", f"data.train={synth_dir}/curated.jsonl", "data.eval=null",
+              "train.max_steps=3", "optim.lr=1e-3", "optim.warmup_ratio=0", "logging.tensorboard=false",
+              "train.save_every=2", "train.keep_last=5"]
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"])
+    _run([*FSDP2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'f2'}", "train.batch_size=2",
+          f"data.eval={synth_dir}/test.jsonl", "data.eval_limit=3", "eval.max_new_tokens=8"])
+    one, f2 = _losses(tmp_path / "one"), _losses(tmp_path / "f2")
+    for step in (1, 2, 3):
+        assert f2[step] == pytest.approx(one[step], abs=1e-5), (step, one[step], f2[step])
+    metrics = json.loads((tmp_path / "f2/metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval/accuracy" in metrics and "eval/format_rate" in metrics
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "one/checkpoint-000002").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "f2/checkpoint-000002").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the gathered weights, not the shards
+    optimizer = torch.load(tmp_path / "f2/checkpoint-000002/optimizer.pt", weights_only=False)
+    assert all(isinstance(k, str) for k in optimizer["state"])  # keyed by parameter name: any process count
+    # resume the FSDP2 checkpoint in one plain process, batch 4: step 3 is the FSDP2 run's step 3
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    os.symlink(tmp_path / "f2/checkpoint-000002", resumed / "checkpoint-000002")
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.batch_size=4"])
+    assert _losses(resumed)[3] == pytest.approx(f2[3], abs=1e-5)
+
+    rl = tmp_path / "rl"
+    _run([*FSDP2, "-m", "prism.rl.train", *_overrides(tiny_model_dir, synth_dir, rl, **{
+        "data.train": f"{synth_dir}/rl.jsonl", "algo.kl_coef": 0.1, "reward.functions": '{"format": 1.0}'})])
+    assert _steps(rl) == [1, 2] and (rl / "checkpoint-000002" / "model.safetensors").is_file()
+    align = tmp_path / "align"
+    _run([*FSDP2, "-m", "prism.align.train", *_overrides(tiny_model_dir, synth_dir, align, **{
+        "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 0})])
+    assert _steps(align) == [1, 2] and (align / "checkpoint-000002" / "discriminator").is_dir()

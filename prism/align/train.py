@@ -317,7 +317,7 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     opt_p, sched_p = make_optimizer(cfg, params)
     opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.discriminator.lr)
-    policy, opt_p = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
+    policy, opt_p, params = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size)
 
     start, metrics = 0, {}

@@ -111,6 +111,13 @@ def load_model(s: ModelSettings, *, trainable: bool = True, device: torch.device
     return model
 
 
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded in place by FSDP2 (`fully_shard`, as accelerate's FSDP2 prepares it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The *ForConditionalGeneration model inside DDP / DeepSpeed / peft wrappers."""
     while hasattr(model, "module"):

@@ -168,7 +168,7 @@ def train(cfg: RLConfig) -> dict:
             reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params)
-    model, optimizer = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
+    model, optimizer, params = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
     backend = HFBackend(accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 

@@ -30,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from prism.data.collate import encode_prompts, text_position_ids
 from prism.data.example import Example
+from prism.models.loader import is_fully_sharded
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,14 @@ class HFBackend:
         eos, suppress = self._eos_ids(), self._vision_ids()
         greedy = params.temperature <= 0
         parts = []
+        sharded = is_fully_sharded(model)
+        if sharded:
+            # FSDP2: transformers encodes the images before the first forward, outside FSDP's hooks, so the
+            # root shard group (embeddings, output head, patch embedding, merger) is gathered for the call.
+            # The root must be known first (it is set by the first forward through it, which may not have
+            # happened yet; FSDP2 has no public call for it, and this one is a no-op once done).
+            model._get_fsdp_state()._lazy_init()
+            model.unshard()
         try:
             for i in range(0, len(expanded), self.chunk_size):
                 chunk = expanded[i: i + self.chunk_size]
@@ -251,6 +260,9 @@ class HFBackend:
                     pad_token_id=tok.pad_token_id,
                     suppress_tokens=suppress or None,
                     logits_processor=LogitsProcessorList([recorder]),
+                    # every FSDP2 forward is a collective: a process that is done keeps stepping until all are
+                    # (transformers detects ZeRO-3 by itself, not accelerate's fully_shard)
+                    synced_gpus=True if sharded and torch.distributed.get_world_size() > 1 else None,
                 )
                 response = out[:, prompt["input_ids"].shape[1]:].cpu()
                 log_probs = recorder.result(response[:, -1].to(device)).cpu()
@@ -273,6 +285,8 @@ class HFBackend:
                 ))
         finally:
             model.train(was_training)
+            if sharded:
+                model.reshard()
         return Rollouts.concat(parts)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prism.models.loader import unwrap
+from prism.models.loader import is_fully_sharded, unwrap
 from prism.rollout.batching import token_budget_batches
 from prism.rollout.engine import Rollouts
 
@@ -138,7 +138,13 @@ def final_hidden_states(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     captured = []
     hook = final_norm.register_forward_hook(lambda mod, args, out: captured.append(out))
     try:
-        model(**{**inputs, "logits_to_keep": 1, "use_cache": False})
+        out = model(**{**inputs, "logits_to_keep": 1, "use_cache": False})
     finally:
         hook.remove()
-    return captured[-1]
+    hidden = captured[-1]
+    if is_fully_sharded(model) and torch.is_grad_enabled():
+        # FSDP2 readies the backward of its root shard group (embeddings, output head, ...) from the root
+        # forward's *outputs*; a loss on `hidden` alone never passes through them and the embedding
+        # gradient is lost. Tie the output in (this adds exactly zero).
+        hidden = hidden + 0.0 * out.logits.sum()
+    return hidden

@@ -82,7 +82,7 @@ def train(cfg: SFTConfig) -> dict:
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params)
-    model, optimizer = prepare(accelerator, model, optimizer, cfg.train.batch_size)
+    model, optimizer, params = prepare(accelerator, model, optimizer, cfg.train.batch_size)
 
     start = 0
     if resume_from is not None:

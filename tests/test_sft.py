@@ -260,3 +260,18 @@ def test_padding_free_training_follows_the_padded_run(tiny_model_dir, synth_dir,
     wa, wb = _weights(tmp_path / "padded/checkpoint-000003"), _weights(tmp_path / "packed/checkpoint-000003")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_layers_and_full_logits_give_the_default_losses(tiny_model_dir, synth_dir, tmp_path):
+    """model.compile (compiled decoder layers; eager generation for the evaluation) and
+    train.logits_chunk=0 (the model's own [B, T, V] logits) train exactly as the default run."""
+    steps = {"train.max_steps": 3}
+    default = _run(tiny_model_dir, synth_dir, tmp_path / "default", **steps)
+    compiled = _run(tiny_model_dir, synth_dir, tmp_path / "compiled", **steps, **{"model.compile": True})
+    full = _run(tiny_model_dir, synth_dir, tmp_path / "full", **steps, **{"train.logits_chunk": 0})
+    ref = _losses(tmp_path / "default")
+    for out in ("compiled", "full"):
+        assert _losses(tmp_path / out) == pytest.approx(ref, abs=1e-5), out
+    assert ref[3] < ref[1]  # it trains
+    assert compiled["eval/format_rate"] == default["eval/format_rate"] == full["eval/format_rate"]

@@ -107,6 +107,9 @@ def load_model(s: ModelSettings, *, trainable: bool = True, device: torch.device
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if s.compile:
+        for layer in unwrap(model).get_decoder().layers:
+            layer.compile()  # in place, so DDP / DeepSpeed / FSDP2 wrap the compiled layers
     log.info("trainable parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
     return model
 

@@ -249,21 +249,23 @@ class HFBackend:
                 chunk = expanded[i: i + self.chunk_size]
                 prompt = encode_prompts(self.processor, chunk)
                 recorder = _LogProbRecorder(params.temperature)
-                out = model.generate(
-                    **{k: v.to(device) for k, v in prompt.items()},
-                    max_new_tokens=params.max_new_tokens,
-                    do_sample=not greedy,
-                    temperature=None if greedy else params.temperature,
-                    top_p=None if greedy else params.top_p,
-                    top_k=None if greedy else params.top_k,
-                    eos_token_id=eos,
-                    pad_token_id=tok.pad_token_id,
-                    suppress_tokens=suppress or None,
-                    logits_processor=LogitsProcessorList([recorder]),
-                    # every FSDP2 forward is a collective: a process that is done keeps stepping until all are
-                    # (transformers detects ZeRO-3 by itself, not accelerate's fully_shard)
-                    synced_gpus=True if sharded and torch.distributed.get_world_size() > 1 else None,
-                )
+                # eager even where model.compile compiled the layers: one token per step, a new shape each time
+                with torch.compiler.set_stance("force_eager"):
+                    out = model.generate(
+                        **{k: v.to(device) for k, v in prompt.items()},
+                        max_new_tokens=params.max_new_tokens,
+                        do_sample=not greedy,
+                        temperature=None if greedy else params.temperature,
+                        top_p=None if greedy else params.top_p,
+                        top_k=None if greedy else params.top_k,
+                        eos_token_id=eos,
+                        pad_token_id=tok.pad_token_id,
+                        suppress_tokens=suppress or None,
+                        logits_processor=LogitsProcessorList([recorder]),
+                        # every FSDP2 forward is a collective: a process that is done keeps stepping until all are
+                        # (transformers detects ZeRO-3 by itself, not accelerate's fully_shard)
+                        synced_gpus=True if sharded and torch.distributed.get_world_size() > 1 else None,
+                    )
                 response = out[:, prompt["input_ids"].shape[1]:].cpu()
                 log_probs = recorder.result(response[:, -1].to(device)).cpu()
                 is_eos = torch.isin(response, torch.tensor(eos))

@@ -7,12 +7,16 @@ that the script works).
 
 SFT. `--steps` timed steps (after `--warmup`) of prism's SFT step on `--batch` sequences of `--seq`
 tokens (an image of `--image-px` pixels square plus text, labels on the text): forward, the summed
-token NLL (prism.losses.sft), backward, gradient clipping, fused AdamW — bf16 weights, the vision tower
-frozen as in prism's defaults. MFU = model FLOPs / (step time × peak), with model FLOPs per token
-6·N (N = language-model parameters without embeddings, the trained part; the frozen vision tower is
-counted for its forward only, 2·N_vision per image token) plus causal attention 6·layers·hidden·seq
-(forward 2·, backward 4·, halved for the causal mask). The peak is the dense bf16 figure of the GPU
-(`--peak-tflops`, or looked up: H100 SXM / H200 989, A100 312).
+token NLL, backward, gradient clipping, fused AdamW — bf16 weights, the vision tower frozen as in
+prism's defaults. `--loss chunked` (prism-sft's default, `train.logits_chunk`) takes the final hidden
+states and sends only the labelled positions through the output head, a slice at a time
+(prism.losses.sft.head_token_nll); `--loss full` is the model's own [B, T, V] logits.
+MFU = model FLOPs / (step time × peak). Model FLOPs: 6·N per token (N = language-model parameters
+without the embedding table: the layers that train), causal attention 6·layers·heads·head_dim·seq per
+token (forward 2·, backward 4·, halved for the causal mask), the output head 6·hidden·vocab per
+labelled token (the positions whose prediction the loss needs), and the frozen vision tower's forward,
+2·N_vision per image patch; recomputation (checkpointing) is not counted. The peak is the dense bf16
+figure of the GPU (`--peak-tflops`, or looked up: H100 SXM / H200 989, A100 312).
 
 Rollouts. prism's rollout engine (HF generate, KV cache) on `--gen-prompts` prompts × `--gen-n`
 samples, `--gen-tokens` new tokens each (EOS suppressed so every sequence runs to the end): generated
@@ -95,7 +99,7 @@ def synthetic_batch(cfg, batch: int, seq: int, image_px: int, device: str) -> di
 
 
 def params_of(model) -> tuple[float, float]:
-    """(language-model parameters without embeddings / output head, vision parameters)."""
+    """(language-model parameters without the embedding table and output head, vision parameters)."""
     lm = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n and "embed" not in n)
     vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
     return float(lm), float(vision)
@@ -110,7 +114,13 @@ def sft_mfu(model, cfg, a) -> dict:
     from prism.losses.sft import shifted_token_nll
     from prism.models.loader import freeze
 
+    from prism.rollout.logprobs import final_hidden_states, output_head
+    from prism.losses.sft import head_token_nll
+
     freeze(model, vision=True, projector=True)
+    if a.compile:  # each decoder layer compiled (one graph serves all: same code, parameters as inputs)
+        for layer in model.model.language_model.layers:
+            layer.compile()
     if a.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -124,8 +134,10 @@ def sft_mfu(model, cfg, a) -> dict:
         sync(a.device)
         t0 = time.perf_counter()
         with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda"):
-            logits = model(**batch).logits
-        nll, n = shifted_token_nll(logits, labels)
+            if a.loss == "chunked":
+                nll, n = head_token_nll(final_hidden_states(model, batch), output_head(model), labels, a.logits_chunk)
+            else:
+                nll, n = shifted_token_nll(model(**batch).logits, labels)
         (nll / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -134,9 +146,11 @@ def sft_mfu(model, cfg, a) -> dict:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     lm, vision = params_of(model)
-    h, layers = cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers
-    tokens = a.batch * a.seq
-    flops = tokens * (6 * lm + 6 * layers * h * a.seq) + a.batch * n_img * 4 * 2 * vision  # vision: fwd on patches
+    t = cfg.text_config
+    tokens, labelled = a.batch * a.seq, int((labels[:, 1:] != -100).sum())
+    patches = a.batch * n_img * cfg.vision_config.spatial_merge_size ** 2
+    flops = (tokens * (6 * lm + 6 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * a.seq)
+             + labelled * 6 * t.hidden_size * t.vocab_size + patches * 2 * vision)
     step = sorted(times)[len(times) // 2]
     return {"step_s": step, "tokens_per_s": tokens / step, "model_tflops": flops / step / 1e12,
             "lm_params_b": lm / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if a.device == "cuda" else float("nan")}
@@ -178,6 +192,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--loss", choices=["chunked", "full"], default="chunked")
+    p.add_argument("--logits-chunk", type=int, default=2048)
+    p.add_argument("--skip-rollout", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for the SFT step")
     p.add_argument("--gen-prompts", type=int, default=16)
     p.add_argument("--gen-n", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=512)
@@ -193,23 +211,33 @@ def main() -> None:
     lm, vision = params_of(model)
     print(f"device {name}; Qwen3-VL-shaped {a.size}: {lm / 1e9:.2f}B language-model + {vision / 1e9:.2f}B vision "
           f"parameters, attention {a.attn}, batch {a.batch} x {a.seq} tokens ({a.image_px}px image each)")
-    sft = sft_mfu(model, cfg, a)
-    mfu = sft["model_tflops"] / peak if not math.isnan(peak) else float("nan")
-    print(f"SFT step: {sft['step_s'] * 1000:.0f} ms, {sft['tokens_per_s']:.0f} tokens/s, "
-          f"{sft['model_tflops']:.1f} model TFLOP/s, peak memory {sft['peak_mem_gb']:.1f} GB")
-    print(f"SFT MFU: {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
-    gen = rollout_throughput(model, processor, a)
-    bound = a.gen_prompts * a.gen_n * bw * 1e12 / (gen["weight_gb"] * 2 ** 30) if not math.isnan(bw) else float("nan")
-    print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
-          f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
-          f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
+    figures = {"device": name, "size": a.size, "attn": a.attn, "batch": a.batch, "seq": a.seq, "loss": a.loss,
+               "checkpointing": a.checkpointing, "compile": a.compile, "peak_tflops": peak}
+    try:
+        sft = sft_mfu(model, cfg, a)
+    except torch.OutOfMemoryError:
+        print(f"SFT step: out of GPU memory at batch {a.batch} x {a.seq} (loss {a.loss}, checkpointing "
+              f"{a.checkpointing})")
+        figures["sft_oom"] = True
+    else:
+        mfu = sft["model_tflops"] / peak if not math.isnan(peak) else float("nan")
+        print(f"SFT step ({a.loss} loss, checkpointing {a.checkpointing}, compile {a.compile}): "
+              f"{sft['step_s'] * 1000:.0f} ms, "
+              f"{sft['tokens_per_s']:.0f} tokens/s, {sft['model_tflops']:.1f} model TFLOP/s, "
+              f"peak memory {sft['peak_mem_gb']:.1f} GB")
+        print(f"SFT MFU: {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
+        figures.update(sft_step_s=sft["step_s"], sft_tokens_per_s=sft["tokens_per_s"], sft_mfu=mfu,
+                       sft_peak_mem_gb=sft["peak_mem_gb"])
+    if not a.skip_rollout:
+        gen = rollout_throughput(model, processor, a)
+        bound = a.gen_prompts * a.gen_n * bw * 1e12 / (gen["weight_gb"] * 2 ** 30) if not math.isnan(bw) else float("nan")
+        print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
+              f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
+              f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
+        figures.update(rollout_sequences=a.gen_prompts * a.gen_n, rollout_tokens_per_s=gen["tokens_per_s"],
+                       rollout_fraction_of_bandwidth_bound=gen["tokens_per_s"] / bound)
     if a.out:
-        a.out.write_text(json.dumps({
-            "device": name, "size": a.size, "attn": a.attn, "batch": a.batch, "seq": a.seq,
-            "sft_step_s": sft["step_s"], "sft_tokens_per_s": sft["tokens_per_s"], "sft_mfu": mfu,
-            "peak_tflops": peak, "rollout_tokens_per_s": gen["tokens_per_s"],
-            "rollout_fraction_of_bandwidth_bound": gen["tokens_per_s"] / bound}, indent=2) + "\n")
-
+        a.out.write_text(json.dumps(figures, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

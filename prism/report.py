@@ -2,7 +2,7 @@
 
     prism-pipeline report --results runs/pipeline-full/results.json --out docs/results.md \\
         --command "prism-pipeline --config configs/demo/pipeline.yaml --full workdir=runs/pipeline-full" \\
-        [--memory memory.json] [--gpu gpu.json]
+        [--memory memory.json] [--gpu gpu-a.json gpu-b.json ...]
 
 The page has the command, versions and machine, the tables (greedy and sampled accuracy per stage and
 question type with the error split, drift, ablations), the plots (copied next to the page), and a plain
@@ -62,7 +62,7 @@ def reading(results: dict) -> list[str]:
     return lines
 
 
-def efficiency(memory: dict | None, gpu: dict | None) -> list[str]:
+def efficiency(memory: dict | None, gpu: list[dict] | None) -> list[str]:
     """The memory report and the GPU throughput figures (benchmarks/*.py --out), or what is missing."""
     lines = ["## Memory and GPU efficiency", ""]
     if memory:
@@ -75,19 +75,46 @@ def efficiency(memory: dict | None, gpu: dict | None) -> list[str]:
     else:
         lines.append("No memory report given (`python benchmarks/memory_report.py --out FILE`, then `--memory FILE`).")
     lines.append("")
-    if gpu:
-        lines.append(f"GPU ({gpu['device']}, Qwen3-VL-shaped {gpu['size']}, {gpu['attn']}, batch {gpu['batch']} x "
-                     f"{gpu['seq']} tokens): SFT MFU {100 * gpu['sft_mfu']:.1f}% of {gpu['peak_tflops']:.0f} TFLOP/s, "
-                     f"{gpu['sft_tokens_per_s']:.0f} tokens/s; rollouts {gpu['rollout_tokens_per_s']:.0f} tokens/s "
-                     f"({100 * gpu['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound).")
-    else:
-        lines.append("SFT MFU and rollout throughput: not measured — no GPU was available for this page "
-                     "(`python benchmarks/gpu_throughput.py --out FILE` on one, then `--gpu FILE`).")
+    lines += gpu_lines(gpu) if gpu else [
+        "SFT MFU and rollout throughput: not measured — no GPU was available for this page "
+        "(`python benchmarks/gpu_throughput.py --out FILE` on one, then `--gpu FILE`)."]
     return lines + [""]
 
 
+def gpu_lines(runs: list[dict]) -> list[str]:
+    """One table row per `benchmarks/gpu_throughput.py --out` file, the rollout figures, and the MFU
+    target (>= 45%) against the best measured set-up."""
+    first = runs[0]
+    lines = [f"SFT step on {first['device']} (`benchmarks/gpu_throughput.py`, Qwen3-VL-shaped random weights, bf16, "
+             f"{first['attn']} attention; MFU against {first['peak_tflops']:.0f} TFLOP/s dense bf16):", "",
+             "| model | batch x tokens | loss | checkpointing | compiled layers | step ms | tokens/s | MFU | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        setup = (f"| {r['size']} | {r['batch']} x {r['seq']} | {r.get('loss', 'full')} | "
+                 f"{'yes' if r.get('checkpointing') else 'no'} | {'yes' if r.get('compile') else 'no'} |")
+        if r.get("sft_oom"):
+            lines.append(f"{setup} out of memory | | | |")
+        else:
+            lines.append(f"{setup} {1000 * r['sft_step_s']:.0f} | {r['sft_tokens_per_s']:.0f} | "
+                         f"{100 * r['sft_mfu']:.1f}% | {r['sft_peak_mem_gb']:.1f} |")
+    lines.append("")
+    for r in runs:
+        if "rollout_tokens_per_s" in r:
+            lines.append(f"Rollouts ({r['size']}, prism's HF-generate engine, {r.get('rollout_sequences', '?')} "
+                         f"sequences at once): {r['rollout_tokens_per_s']:.0f} tokens/s, "
+                         f"{100 * r['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound.")
+    measured = [r for r in runs if not r.get("sft_oom")]
+    if measured:
+        best = max(measured, key=lambda r: r["sft_mfu"])
+        verdict = "met" if best["sft_mfu"] >= 0.45 else "**not met**"
+        lines += ["", f"SFT MFU target (>= 45%): {verdict} — best {100 * best['sft_mfu']:.1f}% "
+                  f"({best['size']}, batch {best['batch']} x {best['seq']}"
+                  f"{', compiled layers' if best.get('compile') else ''})."]
+    return lines
+
+
 def render(results: dict, plots_rel: list[str], command: str, memory: dict | None = None,
-           gpu: dict | None = None) -> str:
+           gpu: list[dict] | None = None) -> str:
     m = results["machine"]
     s = results["summary"]
     drift_rows = [r for r in s if "sampled/accuracy" in s[r] and "drift/embedding_mmd" in s[r]]
@@ -153,11 +180,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--command", default="prism-pipeline --config configs/demo/pipeline.yaml --full")
     p.add_argument("--memory", help="JSON of benchmarks/memory_report.py --out")
-    p.add_argument("--gpu", help="JSON of benchmarks/gpu_throughput.py --out")
+    p.add_argument("--gpu", nargs="+", help="JSON files of benchmarks/gpu_throughput.py --out (one per set-up)")
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
     memory = json.loads(Path(a.memory).read_text()) if a.memory else None
-    gpu = json.loads(Path(a.gpu).read_text()) if a.gpu else None
+    gpu = [json.loads(Path(f).read_text()) for f in a.gpu] if a.gpu else None
     out = Path(a.out)
     (out.parent / "plots").mkdir(parents=True, exist_ok=True)
     rel = []

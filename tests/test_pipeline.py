@@ -72,12 +72,31 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
     assert "not measured — no GPU was available" in page
     memory = {"measured_mb": {"generation": 51.0}, "where": "CPU resident set size", "measured_setting": "tiny",
               "projected_gb": {"4B policy: training peak": 23.4}, "projected_setting": "8 GPUs"}
-    gpu = {"device": "H100", "size": "1.7b", "attn": "sdpa", "batch": 8, "seq": 2048, "sft_mfu": 0.5,
-           "peak_tflops": 989.0, "sft_tokens_per_s": 1e5, "rollout_tokens_per_s": 2e3,
-           "rollout_fraction_of_bandwidth_bound": 0.3}
-    page = render(again, [], "x", memory, gpu)
+    page = render(again, [], "x", memory, [GPU_RUN])
     assert "| generation | 51.0 |" in page and "| 4B policy: training peak | 23.4 |" in page
-    assert "SFT MFU 50.0% of 989 TFLOP/s" in page
+    assert "| 1.7b | 8 x 2048 | chunked | no | yes | 500 | 32768 | 50.0% | 40.0 |" in page
+
+
+GPU_RUN = {"device": "H100", "size": "1.7b", "attn": "sdpa", "batch": 8, "seq": 2048, "loss": "chunked",
+           "checkpointing": False, "compile": True, "sft_step_s": 0.5, "sft_mfu": 0.5, "peak_tflops": 989.0,
+           "sft_tokens_per_s": 32768.0, "sft_peak_mem_gb": 40.0, "rollout_sequences": 128,
+           "rollout_tokens_per_s": 2e3, "rollout_fraction_of_bandwidth_bound": 0.03}
+
+
+def test_gpu_section_has_a_row_per_setup_and_judges_the_mfu_target():
+    from prism.report import gpu_lines
+
+    oom = {**GPU_RUN, "loss": "full", "compile": False, "sft_oom": True}
+    slow = {**GPU_RUN, "compile": False, "sft_step_s": 0.72, "sft_mfu": 0.257, "sft_tokens_per_s": 22821.0,
+            "sft_peak_mem_gb": 67.1}
+    for k in ("rollout_sequences", "rollout_tokens_per_s", "rollout_fraction_of_bandwidth_bound"):
+        oom.pop(k)
+    text = "\n".join(gpu_lines([slow, oom]))
+    assert "| 1.7b | 8 x 2048 | chunked | no | no | 720 | 22821 | 25.7% | 67.1 |" in text
+    assert "| 1.7b | 8 x 2048 | full | no | no | out of memory | | | |" in text
+    assert "Rollouts (1.7b, prism's HF-generate engine, 128 sequences at once): 2000 tokens/s, 3.0%" in text
+    assert "SFT MFU target (>= 45%): **not met** — best 25.7%" in text
+    assert "target (>= 45%): met — best 50.0% (1.7b, batch 8 x 2048, compiled layers)" in "\n".join(gpu_lines([GPU_RUN]))
 
 
 def test_bad_pipeline_configs_name_the_key(tmp_path):

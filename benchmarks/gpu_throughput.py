@@ -10,7 +10,8 @@ tokens (an image of `--image-px` pixels square plus text, labels on the text): f
 token NLL, backward, gradient clipping, fused AdamW — bf16 weights, the vision tower frozen as in
 prism's defaults. `--loss chunked` (prism-sft's default, `train.logits_chunk`) takes the final hidden
 states and sends only the labelled positions through the output head, a slice at a time
-(prism.losses.sft.head_token_nll); `--loss full` is the model's own [B, T, V] logits.
+(prism.losses.sft.head_token_nll); `--loss full` is the model's own [B, T, V] logits. `--compile`
+compiles each decoder layer as `model.compile=true` does; `--skip-rollout` measures the SFT step only.
 MFU = model FLOPs / (step time × peak). Model FLOPs: 6·N per token (N = language-model parameters
 without the embedding table: the layers that train), causal attention 6·layers·heads·head_dim·seq per
 token (forward 2·, backward 4·, halved for the causal mask), the output head 6·hidden·vocab per
@@ -111,16 +112,13 @@ def sync(device: str) -> None:
 
 
 def sft_mfu(model, cfg, a) -> dict:
-    from prism.losses.sft import shifted_token_nll
-    from prism.models.loader import freeze
-
+    from prism.losses.sft import head_token_nll, shifted_token_nll
+    from prism.models.loader import compile_layers, freeze
     from prism.rollout.logprobs import final_hidden_states, output_head
-    from prism.losses.sft import head_token_nll
 
     freeze(model, vision=True, projector=True)
-    if a.compile:  # each decoder layer compiled (one graph serves all: same code, parameters as inputs)
-        for layer in model.model.language_model.layers:
-            layer.compile()
+    if a.compile:
+        compile_layers(model)  # as model.compile=true
     if a.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -49,13 +49,12 @@ def make_accelerator(cpu: bool = False) -> Accelerator:
     if on_cpu and not cpu and _env_flag("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1:
         # accelerate shards only on accelerators: give its state what a GPU launch would, so that
         # fully_shard runs over gloo (how FSDP2 is tested without GPUs).
+        from accelerate.state import PartialState
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
         if plugin.fsdp_version != 2:
             raise RunError("FSDP on the CPU: only fsdp_version 2 (FSDP2) is supported")
-        from accelerate.state import PartialState
-
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
         accelerator.state.fsdp_plugin = plugin
@@ -210,10 +209,11 @@ def save_policy_checkpoint(cfg, accelerator: Accelerator, step: int, model, proc
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(tmp)
-        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and fsdp:
+        merge = cfg.model.lora.enabled and cfg.model.lora.merge_on_save
+        if merge and fsdp:
             log.warning("model.lora.merge_on_save: no merged copy under FSDP (the adapter is saved; merge it "
                         "afterwards with peft's merge_and_unload)")
-        elif cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+        elif merge:
             merged = copy.deepcopy(unwrapped).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             processor.save_pretrained(tmp / "merged")
@@ -249,11 +249,12 @@ def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None) -
                               load_lr_scheduler_states=False, load_module_only=False)
     else:
         saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        by_name = all(isinstance(k, str) for k in saved.get("state", {}))
-        if is_fully_sharded(model) or (by_name and saved.get("state")):
-            if not by_name:
-                raise RunError(f"train.resume: {ckpt} holds an optimizer state saved without FSDP; resume it "
-                               "without FSDP (its parameters are numbered, FSDP2 needs their names)")
+        by_name = all(isinstance(k, str) for k in saved.get("state", {}))  # as full_optimizer_state saves it
+        sharded = is_fully_sharded(model)
+        if sharded and not by_name:
+            raise RunError(f"train.resume: {ckpt} holds an optimizer state saved without FSDP; resume it "
+                           "without FSDP (its parameters are numbered, FSDP2 needs their names)")
+        if sharded or (by_name and saved.get("state")):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(model, _torch_optimizer(optimizer), saved,

@@ -108,10 +108,16 @@ def load_model(s: ModelSettings, *, trainable: bool = True, device: torch.device
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if s.compile:
-        for layer in unwrap(model).get_decoder().layers:
-            layer.compile()  # in place, so DDP / DeepSpeed / FSDP2 wrap the compiled layers
+        compile_layers(model)
     log.info("trainable parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (before accelerate wraps the model, so DDP / DeepSpeed /
+    FSDP2 wrap the compiled layers); one graph serves every layer: same code, parameters as inputs."""
+    for layer in unwrap(model).get_decoder().layers:
+        layer.compile()
 
 
 def is_fully_sharded(model: torch.nn.Module) -> bool:

@@ -114,7 +114,7 @@ def sync(device: str) -> None:
 def sft_mfu(model, cfg, a) -> dict:
     from prism.losses.sft import head_token_nll, shifted_token_nll
     from prism.models.loader import compile_layers, freeze
-    from prism.rollout.logprobs import final_hidden_states, output_head
+    from prism.models.logprobs import final_hidden_states, output_head
 
     freeze(model, vision=True, projector=True)
     if a.compile:
@@ -159,7 +159,7 @@ def rollout_throughput(model, processor, a) -> dict:
     import numpy as np
     from PIL import Image
 
-    from prism.data.example import Example
+    from prism.core.example import Example
     from prism.rollout.engine import SamplingParams, sample
 
     rng = np.random.default_rng(0)

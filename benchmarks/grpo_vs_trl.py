@@ -6,7 +6,7 @@
 
 What is compared. Both frameworks train the same tiny random Qwen3-VL (built offline with
 `prism.models.tiny.build_tiny`) on the same synthetic image+question RL prompts
-(`prism.data.synthetic`), for `--steps` GRPO steps each: `--batch` prompts per step, `--group`
+(`prism.tasks.grids.generator`), for `--steps` GRPO steps each: `--batch` prompts per step, `--group`
 sampled responses per prompt, at most `--max-new-tokens` new tokens, temperature 1, top-p 1, no
 top-k, the same reward (response length in characters / 100, so groups get unequal rewards and the
 backward pass carries real gradients), lr 1e-6 constant, no KL term (no reference model), one
@@ -47,11 +47,12 @@ from pathlib import Path
 
 import torch
 
-from prism.config import RLConfig, load_config
+from prism.core.config import load_config
+from prism.rl.config import RLConfig
 from prism.data.collate import to_chat
-from prism.data.example import load_image
+from prism.core.example import load_image
 from prism.data.formats import load_examples
-from prism.data.synthetic import SynthConfig, generate
+from prism.tasks.grids.generator import SynthConfig, generate
 from prism.models.loader import freeze
 from prism.models.processor import load_processor
 from prism.models.tiny import build_tiny
@@ -88,7 +89,7 @@ def run_prism(a, model_dir: Path, data: Path, out: Path, seed: int) -> list[dict
     n = a.batch * a.group
     overrides = {
         "model.path": model_dir, "data.train": data, "data.eval": "null", "train.output_dir": out,
-        "train.max_steps": a.steps, "train.batch_size": a.batch, "train.seed": seed, "train.save_every": 0,
+        "train.max_steps": a.steps, "train.prompts_per_step": a.batch, "train.seed": seed, "train.save_every": 0,
         "train.resume": "none", "train.cpu": "true", "train.log_every": 1,
         "rollout.group_size": a.group, "rollout.max_new_tokens": a.max_new_tokens,
         "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0,

@@ -76,18 +76,19 @@ def peak(name: str, results: dict):
 
 
 def measure(a) -> dict[str, float]:
+    from prism.align.config import AlignConfig
     from prism.align.discriminator import MoEDiscriminator
-    from prism.align.train import discriminator_update
-    from prism.config import AlignConfig, ModelSettings, load_config
+    from prism.align.game import discriminator_player, discriminator_update
+    from prism.core.config import ModelSettings, load_config
     from prism.data.formats import load_examples
-    from prism.data.synthetic import SynthConfig, generate
-    from prism.loop import make_accelerator, prepare
+    from prism.dist import ModelUpdate, make_accelerator, prepare
+    from prism.loop.policy_update import policy_update
     from prism.models.loader import load_model
+    from prism.models.logprobs import token_log_probs
     from prism.models.processor import load_processor
     from prism.models.tiny import build_tiny
-    from prism.rl.update import policy_update
-    from prism.rollout.engine import HFBackend, SamplingParams
-    from prism.rollout.logprobs import token_log_probs
+    from prism.rollout import HFBackend, SamplingParams
+    from prism.tasks.grids.generator import SynthConfig, generate
 
     work = Path(tempfile.mkdtemp(prefix="prism-mem-"))
     model_dir = build_tiny(work / "model")
@@ -100,13 +101,14 @@ def measure(a) -> dict[str, float]:
     model = load_model(ModelSettings(path=str(model_dir), gradient_checkpointing=a.checkpointing), trainable=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    model, opt, _ = prepare(acc, model, opt, 16)
+    model, opt, params = prepare(acc, model, opt, 16)
+    update = ModelUpdate(acc, model, opt, params, max_grad_norm=1.0)
     disc = MoEDiscriminator.from_pretrained(model_dir)
-    d_opt = torch.optim.AdamW(disc.trainable_parameters(), lr=1e-4)
+    d_update = discriminator_player(cfg, acc, disc)
     res: dict[str, float] = {}
     torch.manual_seed(0)
     with peak("generation", res):
-        rollouts = HFBackend(acc.unwrap_model(model), processor).generate(
+        rollouts = HFBackend(acc.unwrap_model(model), processor).rollout(
             prompts, SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens))
     with peak("old log-probs (no grad)", res), torch.no_grad():
         token_log_probs(model, rollouts, 1.0, chunk_size=16)
@@ -115,10 +117,9 @@ def measure(a) -> dict[str, float]:
         disc.score(expanded, rollouts.texts)
     adv = torch.randn(len(rollouts))
     with peak("policy update", res):
-        policy_update(model, opt, acc, rollouts, adv, cfg.algo, temperature=1.0, logprob_chunk_size=16,
-                      params=params, max_grad_norm=1.0)
+        policy_update(update, rollouts, adv, cfg.algo, temperature=1.0, logprob_chunk_size=16)
     with peak("discriminator update", res):
-        discriminator_update(disc, d_opt, acc, cfg, prompts, rollouts.texts, torch.ones(len(rollouts), dtype=torch.bool))
+        discriminator_update(disc, d_update, cfg, prompts, rollouts.texts, torch.ones(len(rollouts), dtype=torch.bool))
     res["_tokens"] = float(rollouts.response_lengths.sum())
     return res
 

@@ -22,14 +22,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+import transformers
+from pydantic import Field
 
-from prism.config import AlignConfig, PipelineConfig, RLConfig, SFTConfig, load_config
+from prism.align.config import AlignConfig
+from prism.align.train import train as train_align
+from prism.checkpoint import STATE_FILE, checkpoint_dir
+from prism.core.config import ModelSettings, Section, load_config
+from prism.core.task import Task, load_task
+from prism.data.formats import load_examples
+from prism.eval.run import evaluate_model
+from prism.models.loader import load_model
+from prism.models.processor import load_processor
+from prism.models.tiny import build_tiny
+from prism.plots import make_plots
+from prism.report import format_table, summarise
+from prism.report import main as report_main
+from prism.rl.config import RLConfig
+from prism.rl.train import train as train_rl
+from prism.sft.config import SFTConfig
+from prism.sft.train import train as train_sft
+from prism.tracking import logged_seconds, read_curves
 
 log = logging.getLogger("prism.pipeline")
 FULL = ["algos=[grpo, dapo, gspo]", "seeds=[0, 1, 2]", "ablations=[dense, text_only, alpha0, alpha1]"]
@@ -37,18 +58,66 @@ ABLATION_OVERRIDES = {"dense": ["discriminator.dense=true"], "text_only": ["disc
                       "alpha0": ["align.alpha=0.0"], "alpha1": ["align.alpha=1.0"]}
 
 
-def final_checkpoint(output_dir: Path, max_steps: int) -> Path:
-    return output_dir / f"checkpoint-{max_steps:06d}"
+class StageRef(Section):
+    config: str
+    """The stage's own YAML config; the pipeline sets model / data paths, output dir and seed on top."""
+    overrides: list[str] = []
+    """Extra dotted overrides for every run of this stage."""
+
+
+class TinySettings(Section):
+    hidden: int = Field(128, gt=0)
+    layers: int = Field(4, gt=0)
+    head_dim: int = Field(32, gt=0)
+
+
+class PipelineEvalSettings(Section):
+    limit: int | None = Field(200, gt=0)
+    """Test examples evaluated after each stage (null: all)."""
+    samples: int = Field(2, ge=0)
+    """Sampled responses per prompt for pass@1 and drift (0: greedy only)."""
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class PipelineConfig(Section):
+    """`prism-pipeline`: tiny model + the task's data -> SFT -> {RL with X | ALIGN -> RL with X}, evaluated."""
+
+    workdir: str = "runs/pipeline"
+    """Everything the pipeline writes: stage outputs, evaluations, results.json, plots."""
+    model_path: str | None = None
+    """An existing model to start from; null builds the tiny Qwen3-VL (`tiny`)."""
+    tiny: TinySettings = TinySettings()
+    task: str = "grids"
+    """The task that makes the data (`Task.make_data`) and whose checks evaluation adds (prism.core.task)."""
+    data_dir: str | None = None
+    """An existing directory of the task's splits (public, curated, align, rl, test .jsonl); null generates
+    one under workdir with `synth`."""
+    synth: dict[str, Any] = {"n": 4000}
+    """Settings of the task's data generator (grids: prism-synth's options, e.g. n, grids, bias_rate, seed)."""
+    seeds: list[int] = [0]
+    algos: list[Literal["grpo", "dapo", "gspo"]] = ["grpo"]
+    """The RL algorithm(s) X of the rows SFT->X and PRISM+X."""
+    ablations: list[Literal["dense", "text_only", "alpha0", "alpha1"]] = []
+    """Extra ALIGN variants, each evaluated as a PRISM row (alphaK: align.alpha=K)."""
+    sft: StageRef = StageRef(config="configs/sft/public.yaml")
+    align: StageRef = StageRef(config="configs/align/demo.yaml")
+    rl: StageRef = StageRef(config="configs/rl/demo.yaml")
+    eval: PipelineEvalSettings = PipelineEvalSettings()
+    threads: int | None = Field(None, gt=0)
+    """torch intra-op threads (null: leave torch's default)."""
 
 
 def _done(cfg) -> Path | None:
-    ckpt = final_checkpoint(Path(cfg.train.output_dir), cfg.train.max_steps)
-    return ckpt if (ckpt / "trainer_state.json").is_file() else None
+    ckpt = checkpoint_dir(cfg.train.output_dir, cfg.train.max_steps)
+    return ckpt if (ckpt / STATE_FILE).is_file() else None
 
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
+        self.task: Task = load_task(cfg.task, key="task")
         self.work = Path(cfg.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
@@ -61,8 +130,6 @@ class Pipeline:
             return Path(self.cfg.model_path)
         out = self.work / "tiny-model"
         if not (out / "config.json").is_file():
-            from prism.models.tiny import build_tiny
-
             t = self.cfg.tiny
             build_tiny(out, hidden=t.hidden, layers=t.layers, head_dim=t.head_dim)
         return out
@@ -72,17 +139,13 @@ class Pipeline:
             return Path(self.cfg.data_dir)
         out = self.work / "data"
         if not (out / "meta.json").is_file():
-            from prism.data.synthetic import SynthConfig, generate
-
-            s = self.cfg.synth
-            generate(SynthConfig(out=str(out), n=s.n, seed=s.seed, grids=tuple(s.grids), bias_rate=s.bias_rate,
-                                 terse_rate=s.terse_rate, caption_noise=s.caption_noise))
+            self.task.make_data(out, self.cfg.synth)
         return out
 
     # ------------------------------------------------------------------------------ stages
 
     def _stage(self, name: str, cls, ref, overrides: list[str], train_fn) -> Path:
-        cfg = load_config(cls, ref.config, [*ref.overrides, *overrides])
+        cfg = load_config(cls, ref.config, [*ref.overrides, f"data.task={self.cfg.task}", *overrides])
         done = _done(cfg)
         if done is None:
             log.info("=== %s -> %s", name, cfg.train.output_dir)
@@ -99,43 +162,31 @@ class Pipeline:
         return done
 
     def sft(self, seed: int) -> Path:
-        from prism.sft.train import train
-
         data, model = self.data_dir(), self.model_dir()
         return self._stage(f"sft/seed{seed}", SFTConfig, self.cfg.sft, [
             f"model.path={model}", f"data.train={data}/public.jsonl", "data.eval=null",
-            f"train.output_dir={self.work}/seed{seed}/sft", f"train.seed={seed}"], train)
+            f"train.output_dir={self.work}/seed{seed}/sft", f"train.seed={seed}"], train_sft)
 
     def rl(self, seed: int, algo: str, start: Path, branch: str) -> Path:
-        from prism.rl.train import train
-
         data = self.data_dir()
         return self._stage(f"rl-{branch}-{algo}/seed{seed}", RLConfig, self.cfg.rl, [
             f"model.path={start}", f"data.train={data}/rl.jsonl", "data.eval=null", f"algo.name={algo}",
-            f"train.output_dir={self.work}/seed{seed}/{branch}-{algo}", f"train.seed={seed}"], train)
+            f"train.output_dir={self.work}/seed{seed}/{branch}-{algo}", f"train.seed={seed}"], train_rl)
 
     def align(self, seed: int, start: Path, variant: str) -> Path:
-        from prism.align.train import train
-
         data = self.data_dir()
         return self._stage(f"align-{variant}/seed{seed}", AlignConfig, self.cfg.align, [
             # the discriminator's backbone is the starting policy: it already reads the grids
             f"model.path={start}", f"discriminator.path={start}", f"data.train={data}/align.jsonl",
             "data.eval=null", f"train.output_dir={self.work}/seed{seed}/align-{variant}", f"train.seed={seed}",
-            *ABLATION_OVERRIDES.get(variant, [])], train)
+            *ABLATION_OVERRIDES.get(variant, [])], train_align)
 
     # ------------------------------------------------------------------------------ evaluation
 
     def evaluate(self, ckpt: Path, seed: int) -> dict:
-        from prism.config import ModelSettings
-        from prism.data.formats import load_examples
-        from prism.eval.run import evaluate_model
-        from prism.models.loader import load_model
-        from prism.models.processor import load_processor
-
         e = self.cfg.eval
         cache = ckpt / "pipeline-eval.json"
-        key = {"limit": e.limit, "samples": e.samples, "temperature": e.temperature,
+        key = {"task": self.cfg.task, "limit": e.limit, "samples": e.samples, "temperature": e.temperature,
                "max_new_tokens": e.max_new_tokens, "seed": seed}
         if cache.is_file():
             cached = json.loads(cache.read_text())
@@ -147,7 +198,7 @@ class Pipeline:
         embed = load_model(ModelSettings(path=str(self.model_dir())), trainable=False)  # one fixed embedder
         result = evaluate_model(model, load_processor(ckpt), test, samples=e.samples, temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                reference=[ex.response for ex in test], embed_model=embed)
+                                reference=[ex.response for ex in test], embed_model=embed, task=self.task)
         cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
         return result
 
@@ -182,6 +233,7 @@ class Pipeline:
             "config": cfg.model_dump(mode="json"),
             "rows": rows,
             "summary": summarise(rows),
+            "table_groups": list(self.task.table_groups),
             "curves": curves,
             # per stage: trained now, or read back from its metrics log; total: this invocation only
             "timings_s": {**self.timings, "stages": sum(self.timings.values()), "total": time.perf_counter() - t0},
@@ -194,165 +246,10 @@ class Pipeline:
         return results
 
 
-# ------------------------------------------------------------------------------------ results
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] without one)."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
-def logged_seconds(run_dir: Path) -> float | None:
-    """Seconds a finished stage spent in its training steps, from the timestamps of its metrics log
-    (first to last row, plus the first step's own duration; loading and ALIGN's warm-start are not
-    in it); None without a log."""
-    stamped = [r for r in metric_rows(run_dir) if "time" in r]
-    if not stamped:
-        return None
-    first = stamped[0]
-    step_seconds = first.get("train/step_seconds", first.get("time/step", 0.0))
-    return stamped[-1]["time"] - first["time"] + step_seconds
-
-
-def read_curves(run_dir: Path, keys: tuple[str, ...]) -> dict[str, list]:
-    """{key: [[step, value], ...]} from a run's metrics.jsonl."""
-    rows = [r for r in metric_rows(run_dir) if r["step"] > 0]
-    return {k: [[r["step"], r[k]] for r in rows if k in r] for k in keys}
-
-
-TABLE_KEYS = ("accuracy", "acc/count", "acc/compare", "acc/row_count", "acc/most", "caption_match",
-              "error/format", "error/perception", "error/reasoning")
-
-
-def summarise(rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
-    """row -> metric -> [mean, std over seeds, n seeds] for greedy and sampled metrics and drift."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for row, by_seed in rows.items():
-        values: dict[str, list[float]] = {}
-        for result in by_seed.values():
-            for group in ("greedy", "sampled", "drift"):
-                for k, v in result.get(group, {}).items():
-                    if k != "n":
-                        values.setdefault(f"{group}/{k}", []).append(v)
-        out[row] = {k: [statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)]
-                    for k, v in values.items()}
-    return out
-
-
-def format_table(summary: dict, group: str = "greedy", markdown: bool = False) -> str:
-    """The paper-shaped table: rows per stage, columns per question type, average and error split."""
-    cols = [k for k in TABLE_KEYS if any(f"{group}/{k}" in m for m in summary.values())]
-    names = {"accuracy": "avg", "caption_match": "perception ok", "error/format": "err fmt",
-             "error/perception": "err perc", "error/reasoning": "err reas"}
-    header = ["", *[names.get(c, c.split("/")[-1]) for c in cols]]
-
-    def cell(m, c):
-        if f"{group}/{c}" not in m:
-            return "—"
-        mean, std, n = m[f"{group}/{c}"]
-        return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if n > 1 else "")
-
-    body = [[row, *[cell(m, c) for c in cols]] for row, m in summary.items()]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [header, *body])
-
-
-def mean_over_seeds(curves: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
-    """{"seed0/PRISM": {key: [[step, v], ...]}, ...} -> {"PRISM": {key: [(step, mean over seeds), ...]}}."""
-    grouped: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for run, c in curves.items():
-        row = run.split("/", 1)[1]
-        for key, points in c.items():
-            for step, v in points:
-                grouped.setdefault(row, {}).setdefault(key, {}).setdefault(step, []).append(v)
-    return {row: {key: [(step, statistics.fmean(vs)) for step, vs in sorted(by_step.items())]
-                  for key, by_step in keys.items()} for row, keys in grouped.items()}
-
-
-def make_plots(results: dict, out: Path) -> list[str]:
-    """PNG plots: accuracy per stage; ALIGN expert gap and discriminator accuracy; RL reward over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    summary = results["summary"]
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary)), 4))
-    names = list(summary)
-    for i, (group, label) in enumerate((("greedy", "greedy"), ("sampled", "sampled pass@1 (T=1)"))):
-        means = [100 * summary[r].get(f"{group}/accuracy", [0, 0, 0])[0] for r in names]
-        stds = [100 * summary[r].get(f"{group}/accuracy", [0, 0, 0])[1] for r in names]
-        ax.bar([x + 0.4 * i for x in range(len(names))], means, 0.4, yerr=stds, label=label, capsize=3)
-    ax.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=20, ha="right")
-    ax.set_ylabel("test answer accuracy (%)")
-    ax.set_xlabel("stage")
-    ax.set_title("Accuracy per stage")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(_save(fig, out / "accuracy_per_stage.png"))
-
-    curves = mean_over_seeds(results["curves"])
-    legend = {"fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
-    align_rows = {k: v for k, v in curves.items() if k.startswith("PRISM") and "+" not in k}
-    if align_rows:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
-        for i, (row, c) in enumerate(align_rows.items()):
-            colour = f"C{i % 10}"
-            for expert, style in (("perception", "-"), ("reasoning", "--")):
-                for ax, key in ((a1, f"disc/{expert}/gap"), (a2, f"disc/{expert}/acc")):
-                    if c.get(key):
-                        s_, v = zip(*c[key])
-                        ax.plot(s_, v, style, color=colour, label=f"{row} {expert}")
-        a1.set_xlabel("ALIGN step")
-        a1.set_ylabel("teacher − policy score")
-        a1.set_title("Per-expert score gap (mean over seeds)")
-        a2.set_xlabel("ALIGN step")
-        a2.set_ylabel("discriminator pairwise accuracy")
-        a2.set_title("Discriminator accuracy (mean over seeds)")
-        a2.axhline(0.5, color="gray", lw=0.5)
-        if a2.get_legend_handles_labels()[0]:  # small test runs may log no curve
-            a2.legend(**legend)
-        fig.tight_layout()
-        paths.append(_save(fig, out / "align_discriminator.png"))
-
-    rl_rows = {k: v for k, v in curves.items() if "→" in k or "+" in k}
-    if rl_rows:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        for row, c in rl_rows.items():
-            if c.get("rollout/reward"):
-                s_, v = zip(*c["rollout/reward"])
-                ax.plot(s_, v, "--" if row.startswith("PRISM") else "-", label=row)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("mean reward of the rollouts")
-        ax.set_title("RL reward over steps (mean over seeds)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(**legend)
-        fig.tight_layout()
-        paths.append(_save(fig, out / "rl_reward.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return str(path)
-
-
 def machine() -> dict:
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "cuda": torch.cuda.is_available(),
+            "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
             "threads": torch.get_num_threads()}
 
 
@@ -360,12 +257,8 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        from prism.report import main as report_main
-
         return report_main(argv[1:])
     p = argparse.ArgumentParser(prog="prism-pipeline", description="SFT -> {X | ALIGN -> X} on the embedded task, "
                                 "evaluated after every stage. `prism-pipeline report --help` writes the results page.")
@@ -381,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = Pipeline(cfg).run()
     print()
     print("greedy test accuracy (%) per stage" + (f", mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else ""))
-    print(format_table(results["summary"], "greedy"))
+    print(format_table(results["summary"], "greedy", groups=results["table_groups"]))
     print()
     print(f"results: {cfg.workdir}/results.json   plots: {', '.join(results['plots'])}")
     print(f"total time: {results['timings_s']['total'] / 60:.1f} min")

@@ -15,9 +15,52 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
+from typing import Sequence
 
-from prism.pipeline import format_table
+ERROR_KEYS = ("caption_match", "error/format", "error/perception", "error/reasoning")
+
+
+def summarise(rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
+    """row -> metric -> [mean, std over seeds, n seeds] for greedy and sampled metrics and drift."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row, by_seed in rows.items():
+        values: dict[str, list[float]] = {}
+        for result in by_seed.values():
+            for group in ("greedy", "sampled", "drift"):
+                for k, v in result.get(group, {}).items():
+                    if k != "n":
+                        values.setdefault(f"{group}/{k}", []).append(v)
+        out[row] = {k: [statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)]
+                    for k, v in values.items()}
+    return out
+
+
+def format_table(summary: dict, group: str = "greedy", markdown: bool = False,
+                 groups: Sequence[str] | None = None) -> str:
+    """The paper-shaped table: rows per stage, columns: average, per-group accuracy (the task's
+    `table_groups`; None: every `acc/<group>` found), perception ok and the error split."""
+    if groups is None:
+        groups = sorted({k.split("/", 2)[2] for m in summary.values() for k in m if k.startswith(f"{group}/acc/")})
+    keys = ("accuracy", *(f"acc/{g}" for g in groups), *ERROR_KEYS)
+    cols = [k for k in keys if any(f"{group}/{k}" in m for m in summary.values())]
+    names = {"accuracy": "avg", "caption_match": "perception ok", "error/format": "err fmt",
+             "error/perception": "err perc", "error/reasoning": "err reas"}
+    header = ["", *[names.get(c, c.split("/")[-1]) for c in cols]]
+
+    def cell(m, c):
+        if f"{group}/{c}" not in m:
+            return "—"
+        mean, std, n = m[f"{group}/{c}"]
+        return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if n > 1 else "")
+
+    body = [[row, *[cell(m, c) for c in cols]] for row, m in summary.items()]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [header, *body])
 
 
 def _acc(summary: dict, row: str, group: str = "greedy") -> tuple[float, float, int] | None:
@@ -151,11 +194,11 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         "",
         "## Greedy accuracy per stage",
         "",
-        format_table(s, "greedy", markdown=True),
+        format_table(s, "greedy", markdown=True, groups=results.get("table_groups")),
         "",
         "## Sampled pass@1 (temperature 1)",
         "",
-        format_table(s, "sampled", markdown=True),
+        format_table(s, "sampled", markdown=True, groups=results.get("table_groups")),
         "",
         "## Drift of sampled responses from the references (lower is closer)",
         "",

@@ -1,10 +1,10 @@
-"""Verifiable rewards (DESIGN §5), a registry by name, and plug-in user functions.
+"""Verifiable rewards (docs/design.md §5), a registry by name, and plug-in user functions.
 
 A reward function scores a batch: `fn(responses: list[str], examples: list[Example]) -> list[float]`.
 Built in:
 
     accuracy   1 if the <answer> text matches the example's ground truth, else 0
-    format     1 if the response is format-valid (DESIGN §2), else 0
+    format     1 if the response is format-valid (docs/design.md §2), else 0
 
 A config combines them with weights, `{"accuracy": 0.8, "format": 0.2}` being PRISM's default
 (r = 0.8·accuracy + 0.2·format). A key of the form `module.path:function` imports a user function
@@ -25,9 +25,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from prism.config import ConfigError
-from prism.data.example import Example
-from prism.response import is_format_valid, parse_response
+from prism.core.config import ConfigError
+from prism.core.example import Example
+from prism.core.response import is_format_valid, parse_response
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class RewardModel:
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment (DESIGN §5): min(−(len − (L_max − L_buf)) / L_buf · factor, 0).
+    """DAPO's soft overlong punishment (docs/design.md §5): min(−(len − (L_max − L_buf)) / L_buf · factor, 0).
 
     lengths: [N] response lengths in tokens. Returns [N] (≤ 0) to add to the rewards; 0 when buffer is 0.
     """

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from prism.checkpoint import STATE_FILE, checkpoint_dir
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
@@ -43,8 +45,8 @@ def public_sft(w: Path, sft_steps: int, synth: list[str], sft_dir: str, sft_over
         sh("prism-tiny", "--out", str(model))
     if not (data / "meta.json").is_file():
         sh("prism-synth", "--out", str(data), "--n", "4000", "--seed", "0", *synth)
-    sft = w / sft_dir / f"checkpoint-{sft_steps:06d}"
-    if not (sft / "trainer_state.json").is_file():
+    sft = checkpoint_dir(w / sft_dir, sft_steps)
+    if not (sft / STATE_FILE).is_file():
         sh(sys.executable, "-m", "prism.sft.train", "--config", "configs/sft/public.yaml", f"model.path={model}",
            f"data.train={data}/public.jsonl", "data.eval=null", f"train.output_dir={w / sft_dir}",
            f"train.max_steps={sft_steps}", f"train.save_every={sft_steps}", *sft_overrides, log=w / f"{sft_dir}.log")
@@ -52,11 +54,12 @@ def public_sft(w: Path, sft_steps: int, synth: list[str], sft_dir: str, sft_over
 
 
 def prism_eval(model: Path, data: Path, samples: int, limit: int) -> dict:
-    """`prism-eval` of a checkpoint on `data` (greedy + `samples` at temperature 1), cached in the checkpoint."""
-    out = model / "eval-test.json"
+    """`prism-eval` of a checkpoint on `data` with the grid task's checks (greedy + `samples` at temperature 1),
+    cached in the checkpoint."""
+    out = model / f"eval-test-grids-{samples}x{limit}.json"
     if not out.is_file():
         sh("prism-eval", "--model", str(model), "--data", str(data), "--samples", str(samples), "--limit", str(limit),
-           "--max-new-tokens", "256", "--out", str(out))
+           "--max-new-tokens", "256", "--task", "grids", "--out", str(out))
     return json.loads(out.read_text())
 
 

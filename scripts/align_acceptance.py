@@ -27,6 +27,8 @@ from pathlib import Path
 
 from acceptance_common import common_arguments, mean_std, prism_eval, public_sft, sh
 
+from prism.checkpoint import STATE_FILE, checkpoint_dir
+
 CURVE_KEYS = ("disc/perception/acc", "disc/reasoning/acc", "disc/perception/gap", "disc/reasoning/gap",
               "rollout/caption_match", "rollout/accuracy", "rollout/format_rate")
 
@@ -69,8 +71,8 @@ def main() -> None:
 
     def run(seed: int):
         out = w / f"align-seed{seed}"
-        ckpt = out / f"checkpoint-{a.align_steps:06d}"
-        if not (ckpt / "trainer_state.json").is_file():
+        ckpt = checkpoint_dir(out, a.align_steps)
+        if not (ckpt / STATE_FILE).is_file():
             seconds = sh(sys.executable, "-m", "prism.align.train", "--config", "configs/align/demo.yaml", *common,
                          f"train.output_dir={out}", f"train.seed={seed}", f"train.max_steps={a.align_steps}",
                          f"train.save_every={a.align_steps}", *a.align_overrides, log=w / f"align-seed{seed}.log")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from acceptance_common import common_arguments, mean_std, prism_eval, public_sft, sh
 
+from prism.checkpoint import STATE_FILE, checkpoint_dir
+
 def evaluate(model: Path, data: Path, samples: int, limit: int) -> dict:
     r = prism_eval(model, data, samples, limit)
     return {"greedy": r["greedy"]["accuracy"], "sampled": r["sampled"]["accuracy"],
@@ -51,9 +53,9 @@ def main() -> None:
     def run(job):
         algo, seed = job
         out = w / f"{algo}-seed{seed}"
-        ckpt = out / f"checkpoint-{a.rl_steps:06d}"
+        ckpt = checkpoint_dir(out, a.rl_steps)
         seconds = None
-        if not (ckpt / "trainer_state.json").is_file():
+        if not (ckpt / STATE_FILE).is_file():
             seconds = sh(sys.executable, "-m", "prism.rl.train", "--algo", algo, "--config", "configs/rl/demo.yaml",
                          f"model.path={sft}", f"data.train={data}/rl.jsonl", "data.eval=null",
                          f"train.output_dir={out}", f"train.seed={seed}", f"train.max_steps={a.rl_steps}",

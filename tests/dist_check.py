@@ -18,13 +18,14 @@ import sys
 import torch
 
 from prism.align.discriminator import MoEDiscriminator
-from prism.align.train import discriminator_update
-from prism.config import AlignConfig, ModelSettings, load_config
+from prism.align.config import AlignConfig
+from prism.align.game import discriminator_player, discriminator_update
+from prism.core.config import ModelSettings, load_config
 from prism.data.formats import load_examples
-from prism.loop import make_accelerator, prepare
+from prism.dist import ModelUpdate, make_accelerator, prepare
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
-from prism.rl.update import policy_update
+from prism.loop.policy_update import policy_update
 from prism.rollout.engine import SamplingParams, sample
 
 B, G = 4, 3
@@ -35,7 +36,7 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
     acc = make_accelerator()
     rank, world = acc.process_index, acc.num_processes
     cfg = load_config(AlignConfig, None, [f"rollout.group_size={G}", "algo.micro_batch_size=2", "algo.mini_batches=1",
-                                          "algo.ppo_epochs=2", "discriminator.micro_batch_size=1"])
+                                          "algo.ppo_epochs=2", "discriminator.prompts_per_micro_batch=1"])
     processor = load_processor(model_dir)
     prompts = load_examples(f"{data_dir}/align.jsonl", limit=B)
     torch.manual_seed(0)
@@ -53,18 +54,20 @@ def main(model_dir: str, data_dir: str, out_file: str) -> None:
     optimizer = torch.optim.SGD(params, lr=0.5)
     model, optimizer, params = prepare(acc, model, optimizer, 2)
     torch.manual_seed(1)  # the mini-batch shuffle
-    metrics = policy_update(model, optimizer, acc, rollouts.select(mine), advantages[mine], cfg.algo,
-                            temperature=1.0, logprob_chunk_size=2, params=params, max_grad_norm=1.0)
+    update = ModelUpdate(acc, model, optimizer, params, max_grad_norm=1.0)
+    metrics = policy_update(update, rollouts.select(mine), advantages[mine], cfg.algo, temperature=1.0,
+                            logprob_chunk_size=2)
 
-    # --- the discriminator update (not DDP-wrapped: gradients summed by prism.align.train._sync_grads)
+    # --- the discriminator update (not DDP-wrapped: gradients summed by ModelUpdate(replicated=True))
     torch.manual_seed(2)
     disc = MoEDiscriminator.from_pretrained(model_dir)
-    d_opt = torch.optim.SGD(disc.trainable_parameters(), lr=0.5)
     cfg.discriminator.max_grad_norm = None
+    d_update = discriminator_player(cfg, acc, disc)
+    d_update.optimizer = torch.optim.SGD(disc.trainable_parameters(), lr=0.5)
     valid = torch.tensor([True] * (B * G))
     valid[1] = False  # an invalid rollout is left out of the discriminator loss
     batch = prompts[rank * share:(rank + 1) * share]
-    d_metrics = discriminator_update(disc, d_opt, acc, cfg, batch, [rollouts.texts[i] for i in mine], valid[mine])
+    d_metrics = discriminator_update(disc, d_update, cfg, batch, [rollouts.texts[i] for i in mine], valid[mine])
 
     full = acc.get_state_dict(model)  # a collective under FSDP2, which shards the weights themselves
     if rank == 0:

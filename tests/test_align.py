@@ -13,15 +13,17 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from prism.align import MoEDiscriminator, alignment_advantages, discriminator_loss
+from prism.align import game
 from prism.align import train as align
 from prism.align.upcycle import upcycle
-from prism.align.warmup import corrupt_response
-from prism.config import AlignConfig, ConfigError, load_config
+from prism.align.config import AlignConfig
+from prism.core.config import ConfigError, load_config
 from prism.data.collate import SFTCollator
-from prism.data.example import DataError
+from prism.core.errors import DataError
 from prism.data.formats import load_examples
-from prism.data.synthetic import SynthConfig, generate
-from prism.response import is_format_valid
+from prism.tasks.grids import TASK
+from prism.tasks.grids.generator import SynthConfig, generate
+from prism.core.response import is_format_valid
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +202,9 @@ def test_corruption_changes_one_caption_cell_and_one_reasoning_step(examples):
     import random
 
     ref = examples[0].response
-    bad = corrupt_response(ref, random.Random(0))
+    bad = TASK.corrupt_response(ref, random.Random(0))
     assert is_format_valid(bad) and bad != ref
-    from prism.response import parse_response
+    from prism.core.response import parse_response
 
     a, b = parse_response(ref), parse_response(bad)
     assert a.answer == b.answer
@@ -218,9 +220,9 @@ def _cfg(model_dir, data_dir, out_dir, **extra) -> AlignConfig:
     base = {
         "model.path": model_dir, "discriminator.path": model_dir, "data.train": f"{data_dir}/align.jsonl",
         "data.eval": f"{data_dir}/test.jsonl", "data.eval_limit": 2, "train.output_dir": out_dir,
-        "train.batch_size": 2, "train.max_steps": 2, "rollout.group_size": 3, "rollout.max_new_tokens": 10,
+        "train.prompts_per_step": 2, "train.max_steps": 2, "rollout.group_size": 3, "rollout.max_new_tokens": 10,
         "optim.lr": 1e-3, "discriminator.lr": 1e-2, "eval.max_new_tokens": 6, "logging.tensorboard": False,
-        "warmup.steps": 0, "algo.micro_batch_size": 4,
+        "warmup.steps": 0, "algo.micro_batch_size": 4, "data.task": "grids",
     }
     base.update(extra)
     return load_config(AlignConfig, None, [f"{k}={v}" for k, v in base.items()])
@@ -253,7 +255,7 @@ def test_two_align_steps_move_the_policy_and_both_experts(tiny_model_dir, synth_
 def test_resume_continues_exactly_and_warmup_runs_once(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(align, "is_format_valid", lambda text: True)
     extra = {"train.max_steps": 3, "data.eval": "null", "warmup.steps": 2, "warmup.negatives": "corrupt",
-             "warmup.batch_size": 4, "warmup.eval_pairs": 2, "train.save_every": 1}
+             "warmup.pairs_per_step": 4, "warmup.eval_pairs": 2, "train.save_every": 1}
     align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "full", **extra))
     align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **{**extra, "train.max_steps": 1}))
     align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **extra))
@@ -270,7 +272,7 @@ def test_resume_continues_exactly_and_warmup_runs_once(tiny_model_dir, synth_dir
 
 @pytest.mark.slow
 def test_warmup_alone_on_its_own_data(tiny_model_dir, synth_dir, tmp_path):
-    extra = {"warmup.steps": 1, "warmup.negatives": "corrupt", "warmup.batch_size": 2, "warmup.eval_pairs": 2,
+    extra = {"warmup.steps": 1, "warmup.negatives": "corrupt", "warmup.pairs_per_step": 2, "warmup.eval_pairs": 2,
              "warmup.data": f"{synth_dir}/curated.jsonl", "data.eval": "null"}
     metrics = align.train(_cfg(tiny_model_dir, synth_dir, tmp_path, **extra), warmup_only=True)
     n_curated = len((synth_dir / "curated.jsonl").read_text().splitlines())
@@ -295,8 +297,8 @@ def test_discriminator_placement_options_change_nothing_on_one_device(tiny_model
 
     cfg = _cfg(tiny_model_dir, synth_dir, tmp_path / "c", **{"discriminator.device": "cuda:1"})
     with pytest.raises(ConfigError, match="discriminator.device: 'cuda:1' names one device for all 2 processes"):
-        align.Placement(cfg, TwoProcesses())
-    offload = align.Placement(_cfg(tiny_model_dir, synth_dir, tmp_path / "c", **{"discriminator.offload": True}),
+        game.Placement(cfg, TwoProcesses())
+    offload = game.Placement(_cfg(tiny_model_dir, synth_dir, tmp_path / "c", **{"discriminator.offload": True}),
                               TwoProcesses())
     assert offload.home == torch.device("cpu")
 

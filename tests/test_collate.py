@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from prism.data.collate import SFTCollator, encode_prompts, render
-from prism.data.example import DataError, Example
+from prism.core.errors import DataError
+from prism.core.example import Example
 from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
 
 ANSWER = "<caption>row 1: red blue</caption><think>One red.</think><answer>1</answer>"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prism.config import ConfigError, LoraSettings, SFTConfig, load_config, parse_overrides, save_config
+from prism.core.config import ConfigError, LoraSettings, load_config, parse_overrides, save_config
+from prism.sft.config import SFTConfig
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -27,15 +28,15 @@ def error_of(path, overrides=None) -> str:
 
 
 def test_defaults_then_file_then_overrides(tmp_path):
-    path = write(tmp_path, "optim:\n  lr: 0.001\n  weight_decay: 0.05\ntrain:\n  max_steps: 7\n  batch_size: 3\n")
-    cfg = load_config(SFTConfig, path, ["optim.lr=2e-4", "train.batch_size=2"])
+    path = write(tmp_path, "optim:\n  lr: 0.001\n  weight_decay: 0.05\ntrain:\n  max_steps: 7\n  micro_batch_size: 3\n")
+    cfg = load_config(SFTConfig, path, ["optim.lr=2e-4", "train.micro_batch_size=2"])
 
     assert cfg.optim.lr == 2e-4  # override beats file
-    assert cfg.train.batch_size == 2  # override beats file
+    assert cfg.train.micro_batch_size == 2  # override beats file
     assert cfg.optim.weight_decay == 0.05  # file beats default (0.0), same section as an override
     assert cfg.train.max_steps == 7  # file beats default (100)
     assert cfg.optim.eps == 1e-8 and cfg.train.grad_accum == 1  # untouched defaults
-    assert cfg.data.eval == "data/demo/test.jsonl"
+    assert cfg.data.eval is None  # no demo paths as library defaults
 
 
 def test_no_file_and_no_overrides_gives_the_defaults():
@@ -171,7 +172,7 @@ def test_number_like_override_of_a_text_field_stays_text():
 
 
 def test_overriding_one_key_keeps_the_stage_defaults_of_its_section():
-    from prism.config import RLConfig
+    from prism.rl.config import RLConfig
 
     cfg = load_config(RLConfig, None, ["optim.lr=1e-3", 'reward.functions={"format": 1.0}'])
     # RL's optimiser defaults (constant schedule, no warm-up) survive an override of the lr ...
@@ -179,3 +180,36 @@ def test_overriding_one_key_keeps_the_stage_defaults_of_its_section():
     # ... while a dict-valued field is replaced whole, not merged with its default
     assert cfg.reward.functions == {"format": 1.0}
     assert load_config(RLConfig).optim.lr == 1e-6 and load_config(SFTConfig).optim.lr == 1e-5
+
+
+# ---------------------------------------------------------------------------------- renamed keys
+
+
+@pytest.mark.parametrize("cls, old, new", [
+    ("prism.sft.config:SFTConfig", "train.batch_size", "train.micro_batch_size"),
+    ("prism.rl.config:RLConfig", "train.batch_size", "train.prompts_per_step"),
+    ("prism.align.config:AlignConfig", "train.batch_size", "train.prompts_per_step"),
+    ("prism.align.config:AlignConfig", "discriminator.micro_batch_size", "discriminator.prompts_per_micro_batch"),
+    ("prism.align.config:AlignConfig", "warmup.batch_size", "warmup.pairs_per_step"),
+])
+def test_a_renamed_key_stops_naming_its_replacement(tmp_path, cls, old, new):
+    import importlib
+
+    module, _, name = cls.partition(":")
+    config_cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError) as err:
+        load_config(config_cls, None, [f"{old}=2"])
+    assert str(err.value) == f"overrides: config key '{old}' was renamed to '{new}'"
+    section, key = old.split(".")
+    path = write(tmp_path, f"{section}:\n  {key}: 2\n")
+    with pytest.raises(ConfigError, match=f"^{path}: config key '{old}' was renamed to '{new}'$"):
+        load_config(config_cls, path)
+
+
+def test_model_path_and_training_data_have_no_default():
+    from prism.sft.train import train
+
+    with pytest.raises(ConfigError, match=r"^model.path: not set \(it has no default\)"):
+        train(load_config(SFTConfig))
+    with pytest.raises(ConfigError, match=r"^data.train: not set"):
+        train(load_config(SFTConfig, None, ["model.path=somewhere"]))

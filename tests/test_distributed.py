@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism.data.synthetic import SynthConfig, generate
+from prism.tasks.grids.generator import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml")]
@@ -59,7 +59,7 @@ def test_rl_and_align_updates_do_not_depend_on_the_number_of_processes(tiny_mode
 
 
 def _overrides(model_dir, data_dir, out, **extra) -> list[str]:
-    base = {"model.path": model_dir, "data.eval": "null", "train.output_dir": out, "train.batch_size": 2,
+    base = {"model.path": model_dir, "data.eval": "null", "train.output_dir": out, "train.prompts_per_step": 2,
             "train.max_steps": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8, "optim.lr": 1e-3,
             "logging.tensorboard": "false", "algo.micro_batch_size": 2}
     base.update(extra)
@@ -80,7 +80,7 @@ def test_prism_rl_dapo_on_two_processes_then_resume_on_one(tiny_model_dir, synth
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
     assert _steps(out) == [1, 2]  # logged once (main process), not once per process
     # resume the 2-process run on 1 process for one more step
-    _run([sys.executable, "-m", "prism.rl.train", *args, "train.max_steps=3", "train.batch_size=4"])
+    _run([sys.executable, "-m", "prism.rl.train", *args, "train.max_steps=3", "train.prompts_per_step=4"])
     assert _steps(out) == [1, 2, 3] and (out / "checkpoint-000003" / "trainer_state.json").is_file()
 
 
@@ -95,7 +95,7 @@ def test_dynamic_sampling_keeps_processes_in_lockstep(tiny_model_dir, synth_dir,
     _run([*LAUNCH, "-m", "prism.rl.train", *args], env={"PYTHONPATH": str(tmp_path)})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(1 <= r["rollout/kept_groups"] <= 2 for r in rows)  # per process, at most train.batch_size
+    assert all(1 <= r["rollout/kept_groups"] <= 2 for r in rows)  # per process, at most train.prompts_per_step
     assert any(r["rollout/dropped_groups"] > 0 for r in rows)
 
 
@@ -114,7 +114,7 @@ def test_prism_align_on_two_processes(tiny_model_dir, synth_dir, tmp_path):
     out = tmp_path / "align"
     args = _overrides(tiny_model_dir, synth_dir, out, **{
         "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 1,
-        "warmup.batch_size": 2, "warmup.eval_pairs": 2, "warmup.negatives": "corrupt"})
+        "warmup.pairs_per_step": 2, "warmup.eval_pairs": 2, "warmup.negatives": "corrupt"})
     _run([*LAUNCH, "-m", "prism.align.train", *args])
     assert (out / "checkpoint-000002" / "discriminator" / "discriminator.json").is_file()
     assert (out / "warmup" / "metrics.json").is_file()
@@ -131,8 +131,8 @@ def test_sft_under_zero2_with_accumulation_matches_one_process(tiny_model_dir, s
               "train.max_steps=3", "train.grad_accum=2", "optim.lr=1e-3", "optim.warmup_ratio=0",
               "logging.tensorboard=false", "train.save_every=2", "train.keep_last=5"]
     _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}",
-          "train.batch_size=4"])
-    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z2'}", "train.batch_size=2"])
+          "train.micro_batch_size=4"])
+    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z2'}", "train.micro_batch_size=2"])
     one, z2 = _losses(tmp_path / "one"), _losses(tmp_path / "z2")
     assert sorted(z2) == [1, 2, 3]
     for step in (1, 2, 3):
@@ -142,7 +142,7 @@ def test_sft_under_zero2_with_accumulation_matches_one_process(tiny_model_dir, s
     resumed = tmp_path / "z2-resumed"
     resumed.mkdir()
     os.symlink(tmp_path / "z2/checkpoint-000002", resumed / "checkpoint-000002")
-    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.batch_size=2"])
+    _run([*ZERO2, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.micro_batch_size=2"])
     assert _losses(resumed)[3] == pytest.approx(z2[3], abs=1e-6)
 
 
@@ -166,8 +166,8 @@ def test_every_stage_under_zero3(tiny_model_dir, synth_dir, tmp_path):
 
     common = [f"model.path={tiny_model_dir}", f"data.train={synth_dir}/curated.jsonl", "data.eval=null",
               "train.max_steps=2", "optim.lr=1e-3", "optim.warmup_ratio=0", "logging.tensorboard=false"]
-    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"])
-    _run([*ZERO3, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z3'}", "train.batch_size=2"])
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4"])
+    _run([*ZERO3, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'z3'}", "train.micro_batch_size=2"])
     one, z3 = _losses(tmp_path / "one"), _losses(tmp_path / "z3")
     assert z3[1] == pytest.approx(one[1], abs=1e-4) and z3[2] == pytest.approx(one[2], abs=1e-4)
     a = AutoModelForImageTextToText.from_pretrained(tmp_path / "one/checkpoint-000002").state_dict()
@@ -181,7 +181,7 @@ def test_every_stage_under_zero3(tiny_model_dir, synth_dir, tmp_path):
     align = tmp_path / "align"
     _run([*ZERO3, "-m", "prism.align.train", *_overrides(tiny_model_dir, synth_dir, align, **{
         "data.train": f"{synth_dir}/align.jsonl", "discriminator.path": tiny_model_dir, "warmup.steps": 1,
-        "warmup.batch_size": 2, "warmup.eval_pairs": 2})])
+        "warmup.pairs_per_step": 2, "warmup.eval_pairs": 2})])
     assert _steps(align) == [0, 1, 2] and (align / "checkpoint-000002/discriminator/heads.safetensors").is_file()
 
 
@@ -195,8 +195,8 @@ def test_every_stage_under_fsdp2(tiny_model_dir, synth_dir, tmp_path):
     common = [f"model.path={tiny_model_dir}", f"data.train={synth_dir}/curated.jsonl", "data.eval=null",
               "train.max_steps=3", "optim.lr=1e-3", "optim.warmup_ratio=0", "logging.tensorboard=false",
               "train.save_every=2", "train.keep_last=5"]
-    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"])
-    _run([*FSDP2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'f2'}", "train.batch_size=2",
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4"])
+    _run([*FSDP2, "-m", "prism.sft.train", *common, f"train.output_dir={tmp_path / 'f2'}", "train.micro_batch_size=2",
           f"data.eval={synth_dir}/test.jsonl", "data.eval_limit=3", "eval.max_new_tokens=8"])
     one, f2 = _losses(tmp_path / "one"), _losses(tmp_path / "f2")
     for step in (1, 2, 3):
@@ -212,7 +212,7 @@ def test_every_stage_under_fsdp2(tiny_model_dir, synth_dir, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     os.symlink(tmp_path / "f2/checkpoint-000002", resumed / "checkpoint-000002")
-    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.batch_size=4"])
+    _run([sys.executable, "-m", "prism.sft.train", *common, f"train.output_dir={resumed}", "train.micro_batch_size=4"])
     assert _losses(resumed)[3] == pytest.approx(f2[3], abs=1e-5)
 
     rl = tmp_path / "rl"

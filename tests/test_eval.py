@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prism.data.example import Example
+from prism.core.example import Example
 from prism.eval.drift import length_distance, mmd2, token_divergence
 from prism.eval.metrics import score_responses
+from prism.tasks.grids import TASK
 
 SCENE = [["red", "blue"], ["blue", "blue"]]
 CAPTION = "row 1: red blue; row 2: blue blue"
@@ -38,7 +39,7 @@ def test_error_split_by_hand():
         _resp(CAPTION, "4"),                              # wrong, valid, caption right -> reasoning error
         _resp("row 1: red red; row 2: red blue", "blue"),  # correct answer despite a wrong caption
     ]
-    m = score_responses(examples, responses)
+    m = score_responses(examples, responses, TASK)
     assert m["accuracy"] == pytest.approx(2 / 5) and m["format_rate"] == pytest.approx(4 / 5)
     assert m["error/format"] == pytest.approx(1 / 5)
     assert m["error/perception"] == pytest.approx(1 / 5)
@@ -89,7 +90,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_prism_eval_end_to_end_and_bad_input(tiny_model_dir, tmp_path):
-    from prism.data.synthetic import SynthConfig, generate
+    from prism.tasks.grids.generator import SynthConfig, generate
 
     generate(SynthConfig(out=str(tmp_path / "d"), n=8, n_curated=4, n_align=4, n_rl=4, n_test=4, seed=5))
     out = tmp_path / "r.json"

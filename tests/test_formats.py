@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prism.data.example import DataError, load_image
+from prism.core.errors import DataError
+from prism.core.example import load_image
 from prism.data.formats import load_examples, save_sharegpt_jsonl
 
 
@@ -229,7 +230,7 @@ def test_round_trip_through_sharegpt_jsonl(tmp_path, kind):
 
 
 def test_save_writes_pil_images_as_png(tmp_path):
-    from prism.data.example import Example
+    from prism.core.example import Example
 
     ex = Example([{"role": "user", "content": "<image>hi"}], [Image.new("RGB", (2, 2), RED)])
     out = save_sharegpt_jsonl([ex], tmp_path / "x.jsonl")

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from prism.config import LoraSettings, ModelSettings
+from prism.core.config import LoraSettings, ModelSettings
 from prism.models.loader import check_model_dir, load_model, resolve_dtype
 from prism.models.processor import load_processor
 from prism.models.tiny import FORMAT_TAGS

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prism.config import ModelSettings
+from prism.core.config import ModelSettings
 from prism.data.collate import SFTCollator
 from prism.data.formats import load_examples
 from prism.data.packing import pack
-from prism.data.synthetic import SynthConfig, generate
+from prism.tasks.grids.generator import SynthConfig, generate
 from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
-from prism.rollout.logprobs import final_hidden_states, output_head
+from prism.models.logprobs import final_hidden_states, output_head
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prism.config import ConfigError, PipelineConfig, load_config
-from prism.pipeline import Pipeline, format_table
+from prism.core.config import ConfigError, load_config
+from prism.pipeline import Pipeline, PipelineConfig
+from prism.report import format_table
 from prism.report import render
 
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {
-    "sft": ["train.max_steps=2", "train.batch_size=4", "train.save_every=0", "logging.tensorboard=false",
+    "sft": ["train.max_steps=2", "train.micro_batch_size=4", "train.save_every=0", "logging.tensorboard=false",
             "optim.lr=1e-3"],
-    "rl": ["train.max_steps=2", "train.batch_size=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+    "rl": ["train.max_steps=2", "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
            "logging.tensorboard=false", "train.save_every=0"],
-    "align": ["train.max_steps=2", "train.batch_size=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
-              "warmup.steps=1", "warmup.batch_size=2", "warmup.eval_pairs=2", "logging.tensorboard=false",
+    "align": ["train.max_steps=2", "train.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+              "warmup.steps=1", "warmup.pairs_per_step=2", "warmup.eval_pairs=2", "logging.tensorboard=false",
               "train.save_every=0"],
 }
 
@@ -112,7 +113,7 @@ def test_bad_pipeline_configs_name_the_key(tmp_path):
 
 
 def test_curves_are_averaged_over_seeds_step_by_step():
-    from prism.pipeline import mean_over_seeds
+    from prism.plots import mean_over_seeds
 
     curves = {"seed0/PRISM": {"disc/perception/acc": [[1, 0.5], [2, 0.7]]},
               "seed1/PRISM": {"disc/perception/acc": [[1, 0.7], [2, 0.9], [3, 1.0]]},

@@ -1,10 +1,10 @@
-"""`parse_response`: the format of DESIGN §2, its edge cases, and section spans in characters and tokens."""
+"""`parse_response`: the format of docs/design.md §2, its edge cases, and section spans in characters and tokens."""
 
 from __future__ import annotations
 
 import pytest
 
-from prism.response import char_span_to_token_range, is_format_valid, parse_response
+from prism.core.response import char_span_to_token_range, is_format_valid, parse_response
 
 BASIC = "<caption>a red cell</caption><think>one red</think><answer>1</answer>"
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from prism.data.example import Example
+from prism.core.example import Example
 from prism.rewards import RewardModel, answer_correct, overlong_penalty, resolve_reward
 
 GOOD = "<caption>row 1: red</caption><think>one red</think><answer>{}</answer>"

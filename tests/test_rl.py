@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prism.config import ConfigError, RLConfig, load_config
-from prism.data.example import DataError, Example
+from prism.core.config import ConfigError, load_config
+from prism.core.errors import DataError, RunError
+from prism.core.example import Example
+from prism.rl.config import RLConfig
 from prism.data.formats import load_examples
-from prism.data.synthetic import SynthConfig, generate
-from prism.loop import RunError
+from prism.tasks.grids.generator import SynthConfig, generate
 from prism.rewards import RewardModel
 from prism.rl import filter as rl_filter
 from prism.rl import train as rl
@@ -47,7 +48,7 @@ def reward_module(tmp_path, monkeypatch):
 def _overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
     base = {
         "model.path": model_dir, "data.train": f"{data_dir}/rl.jsonl", "data.eval": f"{data_dir}/test.jsonl",
-        "data.eval_limit": 2, "train.output_dir": out_dir, "train.batch_size": 2, "train.max_steps": 2,
+        "data.eval_limit": 2, "train.output_dir": out_dir, "train.prompts_per_step": 2, "train.max_steps": 2,
         "rollout.group_size": 4, "rollout.max_new_tokens": 12, "optim.lr": 1e-3, "eval.max_new_tokens": 6,
         "logging.tensorboard": False, "algo.micro_batch_size": 3,
     }
@@ -93,7 +94,7 @@ class _FakeBackend:
     def sync_weights(self, model):
         pass
 
-    def generate(self, examples, params):
+    def rollout(self, examples, params):
         texts = self.rounds.pop(0)
         n = len(texts)
         assert n == len(examples) * params.n
@@ -101,7 +102,8 @@ class _FakeBackend:
             prompt={"input_ids": torch.ones(n, 2, dtype=torch.long), "attention_mask": torch.ones(n, 2, dtype=torch.long)},
             images_per_row=torch.zeros(n, dtype=torch.long), response_ids=torch.arange(n).view(n, 1),
             response_mask=torch.ones(n, 1, dtype=torch.bool), log_probs=torch.zeros(n, 1), texts=texts,
-            finish_reasons=["stop"] * n, group_size=self.G)
+            finish_reasons=["stop"] * n, suppress_ids=torch.zeros(0, dtype=torch.long), pad_token_id=0,
+            group_size=self.G)
 
 
 def _value_reward(responses, examples):
@@ -117,7 +119,7 @@ class _Acc:
 
 
 def _collector(rounds, batch_size=2, G=2, max_rounds=3):
-    cfg = load_config(RLConfig, None, [f"train.batch_size={batch_size}", f"rollout.group_size={G}",
+    cfg = load_config(RLConfig, None, [f"train.prompts_per_step={batch_size}", f"rollout.group_size={G}",
                                        "algo.name=dapo", f"algo.max_num_gen_batches={max_rounds}",
                                        "algo.overlong_buffer=0"])
     prompts = [Example(messages=[{"role": "user", "content": f"q{i}"}], answer="1") for i in range(8)]
@@ -219,11 +221,11 @@ def test_filter_keeps_problems_strictly_inside_the_band(tiny_model_dir, synth_di
 
 
 def test_policy_update_is_the_same_with_fixed_or_token_budget_micro_batches(tiny_model_dir, synth_dir):
-    from prism.config import AlgoSettings, ModelSettings
-    from prism.loop import make_accelerator
+    from prism.core.config import AlgoSettings, ModelSettings
+    from prism.dist import ModelUpdate, make_accelerator
     from prism.models.loader import load_model
     from prism.models.processor import load_processor
-    from prism.rl.update import policy_update
+    from prism.loop.policy_update import policy_update
     from prism.rollout.engine import SamplingParams, sample
 
     processor = load_processor(tiny_model_dir)
@@ -237,8 +239,8 @@ def test_policy_update_is_the_same_with_fixed_or_token_budget_micro_batches(tiny
         rollouts = sample(model, processor, prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=10))
         adv = torch.linspace(-1, 1, len(rollouts))
         params = [p for p in model.parameters() if p.requires_grad]
-        policy_update(model, torch.optim.SGD(params, lr=1.0), acc, rollouts, adv, algo, temperature=1.0,
-                      logprob_chunk_size=4, params=params, max_grad_norm=None, logprob_token_budget=150)
+        update = ModelUpdate(acc, model, torch.optim.SGD(params, lr=1.0), params, max_grad_norm=None)
+        policy_update(update, rollouts, adv, algo, temperature=1.0, logprob_chunk_size=4, logprob_token_budget=150)
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for k in weights[0]:  # the same update, whichever way the rows were split into forwards
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=0, msg=k)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LogitsProcessor
 
-from prism.data.example import Example
-from prism.data.synthetic import render_scene
-from prism.rollout import HFBackend, Rollouts, SamplingParams, generate, sample, token_log_probs
+from prism.core.example import Example
+from prism.tasks.grids.generator import render_scene
+from prism.models.logprobs import token_log_probs
+from prism.rollout import HFBackend, Rollouts, SamplingParams, sample, sample_texts
 
 SCENES = [[["red", "blue"], ["blue", "green"]], [["yellow", "red", "red"], ["blue", "blue", "green"], ["red"] * 3]]
 
@@ -82,7 +83,7 @@ def test_response_mask_ends_at_eos_and_finish_reasons(model, tiny_processor, mon
         return original(**kw)
 
     monkeypatch.setattr(model, "generate", generate_with_forced_eos)
-    r = HFBackend(model, tiny_processor).generate(_examples(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8))
+    r = HFBackend(model, tiny_processor).rollout(_examples(), SamplingParams(n=2, temperature=1.0, max_new_tokens=8))
     assert r.finish_reasons == ["stop", "length", "length", "length"]
     assert r.response_mask[0].tolist() == [True] * 3 + [False] * 5  # EOS itself is a trained token
     assert r.response_ids[0, 2] == eos and torch.all(r.response_mask[1:])
@@ -94,8 +95,8 @@ def test_batched_greedy_equals_one_at_a_time(model, tiny_processor):
     """Left padding must not change what a prompt generates."""
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     examples = _examples()
-    batched = generate(model, tiny_processor, examples, params)
-    single = [generate(model, tiny_processor, [ex], params)[0] for ex in examples]
+    batched = sample_texts(model, tiny_processor, examples, params)
+    single = [sample_texts(model, tiny_processor, [ex], params)[0] for ex in examples]
     assert batched == single
 
 
@@ -128,7 +129,7 @@ def test_output_head_in_slices_gives_the_same_values_and_gradients(tiny_model_di
 
 
 def test_token_budget_batches_by_hand():
-    from prism.rollout.batching import token_budget_batches
+    from prism.core.batching import token_budget_batches
 
     # sorted by length: 2 (row 1), 3 (row 3), 5 (row 0), 9 (row 2). Budget 10: rows 1, 3 cost 2 x 3 = 6;
     # adding row 0 would cost 3 x 5 = 15, so it starts a batch (1 x 5); row 2 would make it 2 x 9: alone.

@@ -14,8 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prism.config import ConfigError, SFTConfig, load_config
-from prism.data.synthetic import SynthConfig, generate
+from prism.core.config import ConfigError, load_config
+from prism.core.errors import NonFiniteLossError
+from prism.data.order import batch_indices
+from prism.sft.config import SFTConfig
+from prism.tasks.grids.generator import SynthConfig, generate
 from prism.models.loader import is_projector, is_vision_tower
 from prism.sft import train as sft
 
@@ -32,7 +35,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def _overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
     base = {
         "model.path": model_dir, "data.train": f"{data_dir}/curated.jsonl", "data.eval": f"{data_dir}/test.jsonl",
-        "data.eval_limit": 4, "train.output_dir": out_dir, "train.batch_size": 4, "train.max_steps": 2,
+        "data.eval_limit": 4, "train.output_dir": out_dir, "train.micro_batch_size": 4, "train.max_steps": 2,
         "optim.lr": 1e-3, "optim.warmup_ratio": 0.0, "eval.max_new_tokens": 8, "logging.tensorboard": False,
     }
     base.update(extra)
@@ -92,7 +95,7 @@ def test_resume_gives_the_same_loss_sequence(tiny_model_dir, synth_dir, tmp_path
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import prism.loop as L
+    import prism.checkpoint.policy as L
     import prism.sft.train as T
     original = L.save_checkpoint
     def save_checkpoint(output_dir, step, write, state, **kw):
@@ -138,7 +141,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sy
         return (nll * float("nan") if calls["n"] >= 3 else nll), n
 
     monkeypatch.setattr(sft, "head_token_nll", poisoned)
-    with pytest.raises(sft.NonFiniteLossError, match="step 3.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint"):
         _run(tiny_model_dir, synth_dir, tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "data.eval": "null"})
     assert (tmp_path / "checkpoint-000002" / "trainer_state.json").is_file()
     assert not (tmp_path / "checkpoint-000003").exists()
@@ -184,14 +187,14 @@ def test_bad_inputs_end_with_one_line_naming_the_file_or_key(tiny_model_dir, syn
         assert "Traceback" not in proc.stderr
 
 
-def test_micro_batch_indices_cover_each_epoch_once_and_shard_by_rank():
+def test_batch_indices_cover_each_epoch_once_and_shard_by_rank():
     n, bs = 10, 2
-    one = [sft.micro_batch_indices(n, k, bs * 2, 1, 0, seed=3) for k in range(2)]
-    two = [[*sft.micro_batch_indices(n, k, bs, 2, 0, 3), *sft.micro_batch_indices(n, k, bs, 2, 1, 3)] for k in range(2)]
+    one = [batch_indices(n, k, bs * 2, 1, 0, seed=3) for k in range(2)]
+    two = [[*batch_indices(n, k, bs, 2, 0, 3), *batch_indices(n, k, bs, 2, 1, 3)] for k in range(2)]
     assert one == two  # 2 processes x 2 see exactly what 1 process x 4 sees
-    epoch = [i for k in range(5) for i in sft.micro_batch_indices(n, k, bs, 1, 0, 3)]
+    epoch = [i for k in range(5) for i in batch_indices(n, k, bs, 1, 0, 3)]
     assert sorted(epoch) == list(range(n))
-    assert sft.micro_batch_indices(n, 5, bs, 1, 0, 3) != sft.micro_batch_indices(n, 0, bs, 1, 0, 3)  # reshuffled
+    assert batch_indices(n, 5, bs, 1, 0, 3) != batch_indices(n, 0, bs, 1, 0, 3)  # reshuffled
 
 
 def test_config_errors_are_raised_at_load(tmp_path):
@@ -206,7 +209,7 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, synth_dir, tmp_path
     one = tmp_path / "one"
     _run(tiny_model_dir, synth_dir, one, **{"data.eval": "null"})
     two = tmp_path / "two"
-    args = _overrides(tiny_model_dir, synth_dir, two, **{"train.batch_size": 2})
+    args = _overrides(tiny_model_dir, synth_dir, two, **{"train.micro_batch_size": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

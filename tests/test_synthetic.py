@@ -7,7 +7,7 @@ import random
 import pytest
 from PIL import Image
 
-from prism.data.synthetic import (
+from prism.tasks.grids.generator import (
     CELL_PX,
     COLORS,
     SPLITS,
@@ -22,7 +22,7 @@ from prism.data.synthetic import (
     scene_from_caption,
     solve,
 )
-from prism.response import parse_response
+from prism.core.response import parse_response
 
 # red 3, blue 3, green 2, yellow 1: a tie for `most`, which only drifted captions can have.
 SCENE = [["red", "blue", "green"], ["yellow", "red", "red"], ["blue", "blue", "green"]]

@@ -1,4 +1,5 @@
-"""Stage 2 — ALIGN: black-box on-policy distillation against an MoE discriminator (DESIGN §4).
+"""Layer 8 — stage 2, ALIGN: black-box on-policy distillation against an MoE discriminator
+(docs/design.md §4): the discriminator, its pure losses, the game, the warm-start, the loop.
 
     from prism.align import MoEDiscriminator, discriminator_loss, alignment_advantages
 """

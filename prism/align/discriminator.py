@@ -1,4 +1,4 @@
-"""The MoE discriminator of PRISM (DESIGN §4): a perception expert D_v that scores the caption and a
+"""The MoE discriminator of PRISM (docs/design.md §4): a perception expert D_v that scores the caption and a
 reasoning expert D_r that scores the think section of a response, both conditioned on the prompt
 and (unless `text_only`) its image.
 
@@ -26,59 +26,62 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+from pydantic import Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText
 
-from prism.config import ConfigError
-from prism.data.collate import _images, render, text_position_ids
-from prism.data.example import IMAGE_PLACEHOLDER, Example
-from prism.models.loader import check_model_dir
+from prism.align.losses import COMPONENTS, SECTION_OF
+from prism.core.batching import text_position_ids
+from prism.core.config import Section, one_line_error
+from prism.core.errors import ConfigError
+from prism.core.example import IMAGE_PLACEHOLDER, Example
+from prism.core.response import parse_response
+from prism.data.collate import _images, render
+from prism.models.loader import check_model_dir, resolve_dtype
 from prism.models.processor import load_processor
-from prism.response import parse_response
 
 CONFIG_FILE = "discriminator.json"
 HEADS_FILE = "heads.safetensors"
-COMPONENTS = ("perception", "reasoning")
-SECTION_OF = {"perception": "caption", "reasoning": "think"}
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-@dataclass
-class DiscriminatorConfig:
-    experts: str = "adapters"
-    """adapters | upcycled"""
+class DiscriminatorConfig(Section):
+    """What a discriminator is (saved with it as discriminator.json); the stage config's `discriminator`
+    section adds how it trains (`prism.align.config.DiscriminatorSettings`)."""
+
+    experts: Literal["adapters", "upcycled"] = "adapters"
+    """adapters: shared frozen backbone + one LoRA adapter and head per expert; upcycled: a Qwen3-VL-MoE
+    backbone (`prism-align upcycle`) trained in full, one head per component."""
     dense: bool = False
-    """One shared scorer for both components (ablation: no experts)."""
+    """Ablation: one shared scorer for caption and think (no experts)."""
     text_only: bool = False
-    """Never show the image (ablation)."""
-    score_clip: float = 10.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    """Ablation: the discriminator never sees the image."""
+    score_clip: float = Field(10.0, gt=0)
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: str | list[str] = LM_PROJECTIONS
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = Field(0.01, ge=0)
     """Weight of the router's load-balancing loss (upcycled)."""
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     """Recompute the backbone's layer activations in the backward pass (long responses, big backbones)."""
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.experts not in ("adapters", "upcycled"):
-            raise ConfigError(f"discriminator.experts: expected adapters or upcycled, got {self.experts!r}")
-        if self.score_clip <= 0:
-            raise ConfigError(f"discriminator.score_clip: must be > 0, got {self.score_clip}")
 
     @property
     def scorers(self) -> tuple[str, ...]:
         return ("shared",) if self.dense else COMPONENTS
+
+
+def _config(values: dict) -> DiscriminatorConfig:
+    try:
+        return DiscriminatorConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(one_line_error(e, "discriminator")) from None
 
 
 @dataclass
@@ -120,28 +123,28 @@ class MoEDiscriminator(nn.Module):
     # ------------------------------------------------------------------------------ building
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "MoEDiscriminator":
+    def from_pretrained(cls, path: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa",
+                        **overrides) -> "MoEDiscriminator":
         """A saved discriminator (a directory with discriminator.json), or fresh experts on any
         local Qwen-VL directory the loader accepts (`overrides` are DiscriminatorConfig fields)."""
         path = Path(path)
+        load = dict(dtype=dtype, attn_implementation=attn_implementation)
         if (path / CONFIG_FILE).is_file():
             saved = json.loads((path / CONFIG_FILE).read_text())
             for key in ("experts", "dense"):  # the layout of the saved experts cannot change on load
                 if key in overrides and overrides[key] != saved[key]:
                     raise ConfigError(f"discriminator.{key}: {path} was saved with {key}={saved[key]!r}, "
                                       f"cannot load it as {key}={overrides[key]!r}")
-            saved.update(overrides)
-            config = DiscriminatorConfig(**saved)
-            disc = cls._build(path / "backbone", path, config, adapters=path / "adapters")
+            # keys of the config only (files written before the config was unified also held load options)
+            config = _config({**{k: v for k, v in saved.items() if k in DiscriminatorConfig.model_fields}, **overrides})
+            disc = cls._build(path / "backbone", path, config, adapters=path / "adapters", **load)
             disc.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
             return disc
-        return cls._build(path, path, DiscriminatorConfig(**overrides))
+        return cls._build(path, path, _config(overrides), **load)
 
     @classmethod
     def _build(cls, backbone_dir: Path, processor_dir: Path, config: DiscriminatorConfig,
-               adapters: Path | None = None) -> "MoEDiscriminator":
-        from prism.models.loader import resolve_dtype
-
+               adapters: Path | None = None, dtype: str = "auto", attn_implementation: str = "sdpa") -> "MoEDiscriminator":
         check_model_dir(backbone_dir, key="discriminator.path")
         try:
             processor = load_processor(processor_dir)
@@ -149,7 +152,7 @@ class MoEDiscriminator(nn.Module):
             raise ConfigError(f"discriminator.path: {processor_dir} has no usable processor ({e}); the "
                               "discriminator tokenizes with its own processor") from None
         base = AutoModelForImageTextToText.from_pretrained(
-            backbone_dir, dtype=resolve_dtype(config.dtype), attn_implementation=config.attn_implementation,
+            backbone_dir, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
             use_safetensors=True)
         model_type = base.config.model_type
         if config.experts == "upcycled" and "moe" not in model_type:
@@ -207,7 +210,7 @@ class MoEDiscriminator(nn.Module):
             self.backbone.save_pretrained(path / "backbone", safe_serialization=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}, str(path / HEADS_FILE))
         self.processor.save_pretrained(path)
-        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
         return path
 
     def _copy_frozen_backbone(self, dest: Path) -> None:

@@ -1,4 +1,4 @@
-"""ALIGN's two pure functions (DESIGN §4): the discriminator's Bradley–Terry loss and the policy's
+"""ALIGN's two pure functions (docs/design.md §4): the discriminator's Bradley–Terry loss and the policy's
 alignment advantages. Shapes: N = B·G rollouts, the G rollouts of one prompt contiguous.
 """
 
@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from prism.losses.advantages import group_normalize
 
-EXPERTS = ("perception", "reasoning")
+COMPONENTS = ("perception", "reasoning")
+"""The discriminator's experts, named by what they judge."""
+SECTION_OF = {"perception": "caption", "reasoning": "think"}
+"""The response section (docs/design.md §2) each expert scores."""
 
 
 def discriminator_loss(
@@ -34,12 +37,12 @@ def discriminator_loss(
     n_valid = int(valid.sum())
     ref = teacher["perception"]
     if n_valid == 0:
-        zero = sum((teacher[e] * 0).sum() + (policy[e] * 0).sum() for e in EXPERTS)
+        zero = sum((teacher[e] * 0).sum() + (policy[e] * 0).sum() for e in COMPONENTS)
         return zero, {"no_valid": 1.0, "n_valid": 0.0}
     loss = ref.new_zeros(())
     squares = ref.new_zeros(())
     metrics: dict[str, float] = {"no_valid": 0.0, "n_valid": float(n_valid)}
-    for e in EXPERTS:
+    for e in COMPONENTS:
         t, p = teacher[e][valid], policy[e][valid]
         loss = loss + F.softplus(-(t - p)).mean()  # −log σ(t − p), computed stably
         squares = squares + (t ** 2).mean() + (p ** 2).mean()
@@ -67,7 +70,7 @@ def alignment_advantages(
     format_penalty: float = 1.5,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """A_i = α·GN(s_v)_i + (1 − α)·GN(s_r)_i − format_penalty·1[invalid_i]  (DESIGN §4 steps 1–3).
+    """A_i = α·GN(s_v)_i + (1 − α)·GN(s_r)_i − format_penalty·1[invalid_i]  (docs/design.md §4 steps 1–3).
 
     perception, reasoning: [N] discriminator scores s_v, s_r; valid: [N] bool. Step 1: an invalid
     rollout's scores become (the group's valid minimum) − 1, or −1 when no rollout of the group is

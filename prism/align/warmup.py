@@ -1,31 +1,44 @@
-"""Discriminator warm-start (DESIGN §4): before the game, each expert learns to prefer the teacher
+"""Discriminator warm-start (docs/design.md §4): before the game, each expert learns to prefer the teacher
 reference over a negative response to the same prompt, on its own component.
 
 Negatives are samples of the starting (SFT) policy — what the game will show the discriminator —
-or, for a controlled check, the reference with one caption cell and one reasoning step changed
-(`corrupt_response`). Held-out prompts report pairwise accuracy per expert.
+or, for a controlled check, the reference with one caption error and one reasoning error: the
+task's own corruption (`Task.corrupt_response`, e.g. one grid cell and one count changed) or, without
+a task, the word-level `corrupt_response` below. Held-out prompts report pairwise accuracy per expert.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import re
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from prism.align.discriminator import COMPONENTS, SECTION_OF, MoEDiscriminator
-from prism.align.losses import discriminator_loss
-from prism.data.example import Example
-from prism.data.synthetic import COLORS, NUMBER_WORDS
-from prism.response import parse_response
+from prism.align.config import AlignConfig
+from prism.align.discriminator import MoEDiscriminator
+from prism.align.losses import COMPONENTS, SECTION_OF, discriminator_loss
+from prism.core.example import Example
+from prism.core.response import parse_response
+from prism.core.rollouts import SamplingParams
+from prism.core.task import Task
+from prism.dist import ModelUpdate
+from prism.rollout.engine import RolloutBackend
+
+log = logging.getLogger("prism.align")
 
 _WORD = re.compile(r"[A-Za-z]+")
 _DIGIT = re.compile(r"\d")
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
+Corruption = Callable[[str, random.Random], str]
 
 
-def _swap_one(text: str, pattern: re.Pattern, choices: Sequence[str], rng: random.Random) -> str:
+def swap_one(text: str, pattern: re.Pattern, choices: Sequence[str], rng: random.Random) -> str:
+    """`text` with one match of `pattern` (chosen by `rng`) replaced by another of `choices`; with no
+    match, a choice appended."""
     spots = list(pattern.finditer(text))
     if not spots:
         return text + " " + rng.choice(choices)
@@ -34,30 +47,30 @@ def _swap_one(text: str, pattern: re.Pattern, choices: Sequence[str], rng: rando
     return text[:m.start()] + rng.choice(options) + text[m.end():]
 
 
+def _swap_word(text: str, rng: random.Random, extra: str) -> str:
+    words = sorted(set(_WORD.findall(text))) or [extra]
+    return swap_one(text, _WORD, words + [extra], rng)
+
+
 def corrupt_caption(caption: str, rng: random.Random) -> str:
-    """One perception error: a colour word (else any word) replaced by another."""
-    colours = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
-    if colours.search(caption):
-        return _swap_one(caption, colours, list(COLORS), rng)
-    words = sorted(set(_WORD.findall(caption))) or ["nothing"]
-    return _swap_one(caption, _WORD, words + ["nothing"], rng)
+    """A perception error for any task: one word of the caption replaced by another of its words."""
+    return _swap_word(caption, rng, "nothing")
 
 
 def corrupt_think(think: str, rng: random.Random) -> str:
-    """One reasoning error: a number word changed (else a digit, else any word replaced)."""
-    if _NUMBER_WORD.search(think):
-        return _swap_one(think, _NUMBER_WORD, NUMBER_WORDS[:13], rng)
+    """A reasoning error for any task: one digit changed, else one word replaced by another of its words."""
     if _DIGIT.search(think):
-        return _swap_one(think, _DIGIT, list("0123456789"), rng)
-    words = sorted(set(_WORD.findall(think))) or ["so"]
-    return _swap_one(think, _WORD, words + ["not"], rng)
+        return swap_one(think, _DIGIT, list("0123456789"), rng)
+    return _swap_word(think, rng, "not")
 
 
-def corrupt_response(response: str, rng: random.Random) -> str:
-    """The response with one caption error and one reasoning error (answer unchanged)."""
+def corrupt_response(response: str, rng: random.Random, caption: Corruption = corrupt_caption,
+                     think: Corruption = corrupt_think) -> str:
+    """The response with one caption error and one reasoning error (answer unchanged). A task passes its
+    own section corruptions (`Task.corrupt_response`); these defaults know no task."""
     p = parse_response(response)
-    return (f"<caption>{corrupt_caption(p.caption or '', rng)}</caption>"
-            f"<think>{corrupt_think(p.think or '', rng)}</think><answer>{p.answer or ''}</answer>")
+    return (f"<caption>{caption(p.caption or '', rng)}</caption>"
+            f"<think>{think(p.think or '', rng)}</think><answer>{p.answer or ''}</answer>")
 
 
 def pair_loss(disc: MoEDiscriminator, examples: Sequence[Example], teacher: Sequence[str],
@@ -94,3 +107,66 @@ def pairwise_accuracy(disc: MoEDiscriminator, examples: Sequence[Example], teach
         out[comp] = float((t[comp] > n[comp])[differ].float().mean()) if differ.any() else float("nan")
         out[f"{comp}_pairs"] = float(differ.sum())
     return out
+
+
+def _negatives(cfg: AlignConfig, backend: RolloutBackend, prompts: list[Example], held_out: list[Example],
+               train: list[Example], corrupt: Corruption, rng: random.Random):
+    """(held-out prompts, training prompts, {id(prompt): its fixed negative}, negatives_for(batch)). Corrupted negatives: fixed for the held-out
+    prompts, fresh each time a training prompt is drawn (the experts learn what a wrong cell or step looks
+    like, not one string per prompt). Policy negatives: one sample per prompt, as the game will show D;
+    a sample identical to its reference carries no signal and its prompt is left out."""
+    if cfg.warmup.negatives == "corrupt":
+        fixed = {id(ex): corrupt(ex.response, rng) for ex in held_out}
+        return held_out, train, fixed, lambda batch: [corrupt(ex.response, rng) for ex in batch]
+    r = cfg.rollout
+    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    texts = backend.rollout(prompts, params).texts
+    fixed = {id(ex): t for ex, t in zip(prompts, texts)}
+    differs = [ex for ex in train if fixed[id(ex)].strip() != ex.response.strip()]
+    held_out = [ex for ex in held_out if fixed[id(ex)].strip() != ex.response.strip()]
+    return held_out, differs, fixed, lambda batch: [fixed[id(ex)] for ex in batch]
+
+
+def warm_start(cfg: AlignConfig, accelerator, backend: RolloutBackend, disc: MoEDiscriminator, update: ModelUpdate,
+               prompts: list[Example], out: Path, task: Task | None = None) -> dict[str, float]:
+    """Train each expert on (teacher reference, negative) pairs for `warmup.steps` steps; report held-out
+    pairwise accuracy before and after; save the warmed-up discriminator to OUTPUT_DIR/warmup."""
+    w = cfg.warmup
+    rng = random.Random(cfg.train.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    n_eval = min(w.eval_pairs, len(prompts) // 4)
+    corrupt = task.corrupt_response if task is not None else corrupt_response
+    held_out, train_idx, fixed, negatives_for = _negatives(
+        cfg, backend, prompts, [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]], corrupt, rng)
+    if not train_idx:
+        log.warning("warm-start skipped: every negative equals its teacher reference")
+        return {}
+
+    def accuracy(prefix: str) -> dict[str, float]:
+        if not held_out:
+            return {}
+        acc = pairwise_accuracy(disc, held_out, [ex.response for ex in held_out], [fixed[id(ex)] for ex in held_out])
+        return {f"{prefix}/{k}" if k.endswith("_pairs") else f"{prefix}/{k}_acc": v for k, v in acc.items()}
+
+    metrics = accuracy("warmup_before")
+    bar = tqdm(range(w.steps), desc="warm-start", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for step in bar:
+        # warmup.pairs_per_step pairs per process, each process its own slice of the step's pairs
+        first = (step * world + rank) * w.pairs_per_step
+        batch = [train_idx[(first + j) % len(train_idx)] for j in range(w.pairs_per_step)]
+        disc.train()
+        loss, m = pair_loss(disc, batch, [ex.response for ex in batch], negatives_for(batch), cfg.discriminator.reg)
+        update.backward(loss / world)  # summed over processes: the gradient of the mean over all pairs
+        update.step(step, out, warmup_loss=loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", v=f"{m['perception/acc']:.2f}", r=f"{m['reasoning/acc']:.2f}")
+    metrics.update(accuracy("warmup"))
+    metrics.update({"warmup/steps": float(w.steps), "warmup/pairs": float(len(train_idx)),
+                    "warmup/held_out_pairs": float(len(held_out))})
+    if accelerator.is_main_process:
+        disc.save_pretrained(out / "warmup")
+        (out / "warmup" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    log.info("warm-start: %s", {k: round(v, 3) for k, v in metrics.items()})
+    return metrics

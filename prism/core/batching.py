@@ -1,4 +1,6 @@
-"""Token-budget batching: split rows into batches whose padded size stays within a token budget.
+"""Batch layout helpers: token-budget batches, and text positions of padded rows.
+
+Token-budget batching splits rows into batches whose padded size stays within a token budget.
 
 A padded batch costs rows × longest-row tokens of activation memory, whatever the mean length, so
 a fixed number of rows per batch either wastes memory on short responses or runs out of it on long
@@ -11,6 +13,8 @@ step are split changes memory and speed, not the update.
 from __future__ import annotations
 
 from typing import Sequence
+
+import torch
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -28,3 +32,12 @@ def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]
     if current:
         batches.append(current)
     return batches
+
+
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens (0 on padding), for inputs without images.
+
+    With images the Qwen-VL models derive their multimodal rotary positions from the attention
+    mask themselves; without, they would number every slot 0..T-1 and shift left-padded rows.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,28 +1,30 @@
-"""Typed configs: one per stage, built from shared parts, loaded from YAML with dotted overrides.
+"""Typed configs: the loader, and the sections the stages share. Each stage's config class is built
+from these in its own package (`prism.sft.config`, `prism.rl.config`, `prism.align.config`).
 
     cfg = load_config(SFTConfig, "configs/sft/demo.yaml", ["optim.lr=2e-4", "data.train=x.jsonl"])
 
-Order of precedence: dataclass defaults < YAML file < command-line overrides. Validation is
-pydantic's (types, ranges, unknown keys); every failure is re-raised as a one-line `ConfigError`
-that names the file and the dotted key. Each field is documented by the docstring under it.
+Order of precedence: class defaults < YAML file < command-line overrides. Validation is pydantic's
+(types, ranges, unknown keys); every failure is re-raised as a one-line `ConfigError` that names the
+file and the dotted key. A key that was renamed stops with a line naming its replacement (a config
+class lists them in `renamed`). Each field is documented by the docstring under it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(ValueError):
-    """A bad config file, key or value. The message is one line naming the file and key."""
+from prism.core.errors import ConfigError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               coerce_numbers_to_str=True)  # `run_name=123` is the string "123"
+    renamed: ClassVar[dict[str, str]] = {}
+    """Old dotted key -> its replacement; loading a config that still uses the old key stops naming the new."""
 
 
 class LoraSettings(Section):
@@ -42,8 +44,8 @@ class LoraSettings(Section):
 
 
 class ModelSettings(Section):
-    path: str = "runs/tiny-model"
-    """Local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) checkpoint in HF format."""
+    path: str | None = None
+    """Local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) checkpoint in HF format (required)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
     freeze_vision: bool = True
@@ -62,10 +64,14 @@ class ModelSettings(Section):
 
 
 class DataSettings(Section):
-    train: str = "data/demo/curated.jsonl"
-    """Training data: sharegpt JSON/JSONL, verl Parquet or prism JSONL (see prism.data.formats)."""
-    eval: str | None = "data/demo/test.jsonl"
-    """Held-out data for periodic evaluation (null to skip)."""
+    train: str | None = None
+    """Training data (required): sharegpt JSON/JSONL, verl Parquet or prism JSONL (see prism.data.formats)."""
+    eval: str | None = None
+    """Held-out data for periodic evaluation (null: none)."""
+    task: str | None = None
+    """The task whose checks evaluation adds (caption accuracy, per-group accuracy) and whose corruptions
+    the ALIGN warm-start uses: a built-in name (grids, the demo task) or module.path:attribute
+    (prism.core.task). null: none — accuracy and format metrics only."""
     format: Literal["auto", "sharegpt", "verl", "prism"] = "auto"
     max_length: int = Field(1024, gt=0)
     """Examples longer than this many tokens are dropped (with a count in the log)."""
@@ -105,34 +111,15 @@ class RunSettings(Section):
     """Force CPU even when a GPU is visible."""
 
 
-class TrainSettings(RunSettings):
-    batch_size: int = Field(8, gt=0)
-    """Micro-batch size per process."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)."""
-    micro_token_budget: int | None = Field(None, gt=0)
-    """Split each micro-batch into forwards of at most this many padded tokens (examples x longest),
-    similar lengths together; the batch and so the update stay the same, peak memory drops."""
-    padding_free: bool = False
-    """Pack each forward's examples into one row without padding (block-diagonal attention, each
-    sequence's own positions): the same loss, no compute on padding (prism.data.packing)."""
-    logits_chunk: int = Field(2048, ge=0)
-    """Labelled positions per output-head slice: the loss never builds [batch, tokens, vocab] logits,
-    and the head runs on labelled tokens only (prism.losses.sft.head_token_nll). 0: the model's
-    full logits (shifted_token_nll)."""
-
-
-class RLTrainSettings(RunSettings):
-    output_dir: str = "runs/rl"
-    batch_size: int = Field(4, gt=0)
-    """Prompts per process per step; each is sampled rollout.group_size times."""
-
-
 class EvalSettings(Section):
     every: int = Field(0, ge=0)
     """Evaluate every this many steps (0: only at the end)."""
     batch_size: int = Field(32, gt=0)
+    """Sequences per generate call."""
     max_new_tokens: int = Field(192, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    """Besides the greedy evaluation (eval/...), one sample per example at this temperature
+    (eval_sampled/...); 0: greedy only."""
 
 
 class LoggingSettings(Section):
@@ -142,18 +129,17 @@ class LoggingSettings(Section):
     run_name: str | None = None
 
 
-class SFTConfig(Section):
-    """`prism-sft`: supervised fine-tuning on demonstrations, loss on assistant tokens only."""
+class OnPolicyRunSettings(RunSettings):
+    """A run that samples its own data (RL, ALIGN): prompts per step instead of examples per micro-batch."""
 
-    model: ModelSettings = ModelSettings()
-    data: DataSettings = DataSettings()
-    optim: OptimSettings = OptimSettings()
-    train: TrainSettings = TrainSettings()
-    eval: EvalSettings = EvalSettings()
-    logging: LoggingSettings = LoggingSettings()
+    output_dir: str = "runs/rl"
+    prompts_per_step: int = Field(4, gt=0)
+    """Prompts per process per step; each is sampled rollout.group_size times."""
 
 
 class RolloutSettings(Section):
+    backend: Literal["hf"] = "hf"
+    """Which rollout backend samples (prism.rollout.BACKENDS): hf = transformers generate."""
     group_size: int = Field(8, gt=0)
     """Samples per prompt (G); advantages are normalised within each group."""
     max_new_tokens: int = Field(256, gt=0)
@@ -171,7 +157,7 @@ class RolloutSettings(Section):
 
 
 class AlgoSettings(Section):
-    """The clipped policy update shared by ALIGN and RL (prism.losses.policy, DESIGN §5)."""
+    """The clipped policy update shared by ALIGN and RL (prism.losses.policy, docs/design.md §5)."""
 
     name: Literal["grpo", "dapo", "gspo"] = "grpo"
     """Policy loss; `prism-rl --algo` sets it."""
@@ -203,161 +189,6 @@ class AlgoSettings(Section):
     """L_buf of DAPO's overlong shaping; null: max_new_tokens // 4 for dapo, off otherwise; 0: off."""
     overlong_penalty: float = Field(1.0, ge=0)
     """Penalty factor of the overlong shaping."""
-
-
-class RewardSettings(Section):
-    functions: dict[str, float] = {"accuracy": 0.8, "format": 0.2}
-    """Reward = Σ weight · function; names from prism.rewards or `module.path:function`."""
-
-
-class RLConfig(Section):
-    """`prism-rl`: RLVR with GRPO, DAPO or GSPO and verifiable rewards (DESIGN §5)."""
-
-    model: ModelSettings = ModelSettings(path="runs/sft-demo/checkpoint-000600")
-    data: DataSettings = DataSettings(train="data/demo/rl.jsonl", max_length=512, eval_limit=256)
-    rollout: RolloutSettings = RolloutSettings()
-    algo: AlgoSettings = AlgoSettings()
-    reward: RewardSettings = RewardSettings()
-    optim: OptimSettings = OptimSettings(lr=1e-6, warmup_ratio=0.0, scheduler="constant")
-    train: RLTrainSettings = RLTrainSettings()
-    eval: EvalSettings = EvalSettings()
-    logging: LoggingSettings = LoggingSettings()
-
-
-class DiscriminatorSettings(Section):
-    """The MoE discriminator (prism.align.MoEDiscriminator, DESIGN §4)."""
-
-    path: str = "runs/tiny-model"
-    """A Qwen-VL directory to build fresh experts on (the SFT policy, the base or a smaller model), or a saved
-    discriminator (e.g. OUTPUT_DIR/warmup)."""
-    experts: Literal["adapters", "upcycled"] = "adapters"
-    """adapters: shared frozen backbone + one LoRA adapter and head per expert; upcycled: a Qwen3-VL-MoE
-    backbone (`prism-align upcycle`) trained in full, one head per component."""
-    dense: bool = False
-    """Ablation: one shared scorer for caption and think (no experts)."""
-    text_only: bool = False
-    """Ablation: the discriminator never sees the image."""
-    score_clip: float = Field(10.0, gt=0)
-    reg: float = Field(1e-3, ge=0)
-    """λ_reg of the score-magnitude term in the discriminator loss."""
-    lora_r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
-    aux_loss_coef: float = Field(0.01, ge=0)
-    """Weight of the router load-balancing loss (upcycled)."""
-    lr: float = Field(1e-4, gt=0)
-    """The discriminator's own learning rate (AdamW, constant)."""
-    steps_per_policy_step: int = Field(1, gt=0)
-    """Discriminator updates on each batch of rollouts."""
-    micro_batch_size: int = Field(8, gt=0)
-    """Prompts per discriminator forward (each with its G rollouts and its reference)."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    """Recompute the discriminator backbone's activations in the backward pass."""
-    device: str | None = None
-    """Where the discriminator computes: unset, each process's own device (the policy's); or a torch
-    device such as "cpu", or "cuda:1" in a one-process run, to keep it off the policy's GPU."""
-    offload: bool = False
-    """Keep the discriminator and its optimizer state in CPU memory outside its own phases (warm-start,
-    scoring, update), moving them to `device` for those: frees accelerator memory for generation and
-    the policy update, at the cost of two host-device copies per step."""
-
-
-class AlignSettings(Section):
-    alpha: float = Field(0.5, ge=0, le=1)
-    """Weight of the perception expert in the advantage (1: perception only, 0: reasoning only)."""
-    format_penalty: float = Field(1.5, ge=0)
-    """Subtracted from the advantage of format-invalid rollouts."""
-    skip_missing_references: bool = False
-    """Skip alignment prompts without a teacher reference (with a count) instead of stopping."""
-
-
-class WarmupSettings(Section):
-    """Discriminator warm-start before the game: each expert on (teacher reference, negative) pairs."""
-
-    steps: int = Field(50, ge=0)
-    """Warm-start optimizer steps (0: none)."""
-    batch_size: int = Field(16, gt=0)
-    """Pairs per process per step."""
-    negatives: Literal["policy", "corrupt"] = "policy"
-    """policy: a sample of the starting policy for the same prompt; corrupt: the reference with one caption
-    cell and one reasoning step changed."""
-    eval_pairs: int = Field(32, ge=0)
-    """Prompts held out to report pairwise accuracy per expert."""
-    data: str | None = None
-    """Prompts with teacher references for the warm-start (e.g. the curated pool); default: data.train."""
-
-
-class AlignConfig(Section):
-    """`prism-align`: the minimax game between the policy and the MoE discriminator (DESIGN §4)."""
-
-    model: ModelSettings = ModelSettings(path="runs/sft-public/checkpoint-000600")
-    data: DataSettings = DataSettings(train="data/demo/align.jsonl", max_length=512, eval_limit=128)
-    rollout: RolloutSettings = RolloutSettings()
-    algo: AlgoSettings = AlgoSettings()
-    discriminator: DiscriminatorSettings = DiscriminatorSettings()
-    align: AlignSettings = AlignSettings()
-    warmup: WarmupSettings = WarmupSettings()
-    optim: OptimSettings = OptimSettings(lr=1e-6, warmup_ratio=0.0, scheduler="constant")
-    train: RLTrainSettings = RLTrainSettings(output_dir="runs/align")
-    eval: EvalSettings = EvalSettings()
-    logging: LoggingSettings = LoggingSettings()
-
-
-class StageRef(Section):
-    config: str
-    """The stage's own YAML config; the pipeline sets model / data paths, output dir and seed on top."""
-    overrides: list[str] = []
-    """Extra dotted overrides for every run of this stage."""
-
-
-class TinySettings(Section):
-    hidden: int = Field(128, gt=0)
-    layers: int = Field(4, gt=0)
-    head_dim: int = Field(32, gt=0)
-
-
-class SynthSettings(Section):
-    n: int = Field(4000, gt=0)
-    """Size of the drifted public pool (the other splits scale with it; see prism-synth)."""
-    grids: list[int] = [3]
-    bias_rate: float = Field(0.6, ge=0, le=1)
-    terse_rate: float = Field(0.8, ge=0, le=1)
-    caption_noise: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
-
-
-class PipelineEvalSettings(Section):
-    limit: int | None = Field(200, gt=0)
-    """Test examples evaluated after each stage (null: all)."""
-    samples: int = Field(2, ge=0)
-    """Sampled responses per prompt for pass@1 and drift (0: greedy only)."""
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(64, gt=0)
-
-
-class PipelineConfig(Section):
-    """`prism-pipeline`: tiny model + synthetic data -> SFT -> {RL with X | ALIGN -> RL with X}, evaluated."""
-
-    workdir: str = "runs/pipeline"
-    """Everything the pipeline writes: stage outputs, evaluations, results.json, plots."""
-    model_path: str | None = None
-    """An existing model to start from; null builds the tiny Qwen3-VL (`tiny`)."""
-    tiny: TinySettings = TinySettings()
-    data_dir: str | None = None
-    """An existing prism-synth directory; null generates one (`synth`) under workdir."""
-    synth: SynthSettings = SynthSettings()
-    seeds: list[int] = [0]
-    algos: list[Literal["grpo", "dapo", "gspo"]] = ["grpo"]
-    """The RL algorithm(s) X of the rows SFT->X and PRISM+X."""
-    ablations: list[Literal["dense", "text_only", "alpha0", "alpha1"]] = []
-    """Extra ALIGN variants, each evaluated as a PRISM row (alphaK: align.alpha=K)."""
-    sft: StageRef = StageRef(config="configs/sft/public.yaml")
-    align: StageRef = StageRef(config="configs/align/demo.yaml")
-    rl: StageRef = StageRef(config="configs/rl/demo.yaml")
-    eval: PipelineEvalSettings = PipelineEvalSettings()
-    threads: int | None = Field(None, gt=0)
-    """torch intra-op threads (null: leave torch's default)."""
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -410,7 +241,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _one_line(err: ValidationError, origin: str) -> str:
+def one_line_error(err: ValidationError, origin: str) -> str:
+    """A pydantic validation error as one line: `origin: dotted.key: what is wrong (got value)`."""
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"]) or "<root>"
     if e["type"] == "extra_forbidden":
@@ -418,6 +250,22 @@ def _one_line(err: ValidationError, origin: str) -> str:
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     got = f" (got {e['input']!r})" if not isinstance(e.get("input"), dict) else ""
     return f"{origin}: {key}: {e['msg']}{got}{more}"
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out.append(prefix + str(k))
+        if isinstance(v, dict):
+            out.extend(_dotted_keys(v, f"{prefix}{k}."))
+    return out
+
+
+def _check_renamed(cls: type[BaseModel], data: dict, origin: str) -> None:
+    renamed = getattr(cls, "renamed", {})
+    for key in _dotted_keys(data):
+        if key in renamed:
+            raise ConfigError(f"{origin}: config key '{key}' was renamed to '{renamed[key]}'")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
@@ -440,13 +288,14 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         origin = f"{origin} + overrides" if path else "overrides"
+    _check_renamed(cls, data, origin)
     # Merge onto the stage's own defaults (not the section classes'), so that overriding one key of
     # a section whose defaults differ per stage (RL's lr 1e-6, say) keeps that stage's other defaults.
     data = _onto_defaults(cls, cls().model_dump(), data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, origin)) from None
+        raise ConfigError(one_line_error(e, origin)) from None
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

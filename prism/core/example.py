@@ -12,15 +12,15 @@ from typing import Any, Union
 
 from PIL import Image, UnidentifiedImageError
 
+from prism.core.errors import DataError
+
 IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+"""Label of a token that takes no loss (prompt, padding): the value transformers and torch's cross-entropy ignore."""
 
 # An image as a loader found it: a path (already resolved against the data file), raw bytes, or
 # a decoded PIL image. Decoding happens late (at collation) so datasets stay cheap to hold.
 ImageRef = Union[str, bytes, Image.Image]
-
-
-class DataError(ValueError):
-    """A bad input file or example; the message is one line naming the file (and line)."""
 
 
 @dataclass

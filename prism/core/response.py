@@ -1,4 +1,4 @@
-"""The response format of DESIGN §2, parsed in exactly one place.
+"""The response format of docs/design.md §2, parsed in exactly one place.
 
     <caption>C</caption><think>T</think><answer>A</answer>
 
@@ -44,7 +44,7 @@ def _is_valid(text: str) -> bool:
 
 
 def parse_response(text: str) -> ParsedResponse:
-    """Parse a response into its three sections and decide format validity (DESIGN §2)."""
+    """Parse a response into its three sections and decide format validity (docs/design.md §2)."""
     values: dict[str, str | None] = {}
     spans: dict[str, tuple[int, int] | None] = {}
     for name in SECTIONS:

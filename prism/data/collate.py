@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from prism.data.example import IMAGE_PLACEHOLDER, DataError, Example, load_image
-from prism.losses.sft import IGNORE_INDEX
+from prism.core.errors import DataError
+from prism.core.example import IGNORE_INDEX, IMAGE_PLACEHOLDER, Example, load_image
 
 
 def to_chat(messages: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
@@ -140,15 +140,6 @@ def encode_prompts(processor, examples: Sequence[Example]) -> dict[str, torch.Te
     finally:
         processor.tokenizer.padding_side = "right"
     return dict(batch)
-
-
-def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only attended tokens (0 on padding), for inputs without images.
-
-    With images the Qwen-VL models derive their multimodal rotary positions from the attention
-    mask themselves; without, they would number every slot 0..T-1 and shift left-padded rows.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def token_length(processor, ex: Example) -> int:

@@ -1,6 +1,6 @@
 """Loaders that turn data files into `list[Example]`, and one writer back to sharegpt JSONL.
 
-Three on-disk formats are read (DESIGN.md §7); each has one small parser below whose docstring
+Three on-disk formats are read (docs/design.md §7); each has one small parser below whose docstring
 gives its schema:
 
 - LLaMA-Factory "sharegpt" multimodal JSON (a list) or JSONL (`messages` or `conversations`);
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from prism.data.example import IMAGE_PLACEHOLDER, DataError, Example, ImageRef, load_image
+from prism.core.example import IMAGE_PLACEHOLDER, DataError, Example, ImageRef, load_image
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 ANSWER_KEYS = ("answer", "ground_truth", "solution")  # sharegpt: the first key present wins

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prism.losses.sft import IGNORE_INDEX
+from prism.core.example import IGNORE_INDEX
 from prism.models.loader import unwrap
 
 

@@ -21,7 +21,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
-from prism.response import SECTIONS, parse_response
+from prism.core.batching import text_position_ids
+from prism.core.response import SECTIONS, parse_response
 
 
 def _sections(texts: Sequence[str]) -> dict[str, list[str]]:
@@ -80,8 +81,6 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> fl
 @torch.no_grad()
 def mean_pooled_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """[N, H] mean over tokens of the last hidden state of `model`'s language model (text only)."""
-    from prism.data.collate import text_position_ids
-
     device = next(model.parameters()).device
     body = model.model if hasattr(model, "model") else model
     out = []

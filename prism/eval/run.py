@@ -20,8 +20,11 @@ from typing import Sequence
 
 import torch
 
-from prism.config import ModelSettings
-from prism.data.example import DataError, Example
+from prism.core.config import ModelSettings
+from prism.core.errors import DataError
+from prism.core.example import Example
+from prism.core.response import is_format_valid
+from prism.core.task import Task, load_task
 from prism.data.formats import load_examples
 from prism.eval.drift import drift_metrics
 from prism.eval.metrics import score_responses
@@ -34,7 +37,7 @@ log = logging.getLogger("prism.eval")
 
 def evaluate_model(model, processor, examples: Sequence[Example], *, samples: int = 1, temperature: float = 1.0,
                    max_new_tokens: int = 256, batch_size: int = 64, reference: Sequence[str] | None = None,
-                   embed_model=None) -> dict:
+                   embed_model=None, task: Task | None = None) -> dict:
     """All metrics of one model on `examples`; see the module docstring for the keys."""
     has_truth = any(ex.answer for ex in examples)
     out: dict = {"n": len(examples)}
@@ -46,23 +49,17 @@ def evaluate_model(model, processor, examples: Sequence[Example], *, samples: in
                                                                     temperature=temperature, n=samples),
                          chunk_size=batch_size).texts
     if has_truth:
-        out["greedy"] = score_responses(examples, greedy)
+        out["greedy"] = score_responses(examples, greedy, task)
         expanded = [ex for ex in examples for _ in range(len(sampled) // len(examples))]
-        out["sampled"] = score_responses(expanded, sampled)
+        out["sampled"] = score_responses(expanded, sampled, task)
     else:
         out["note"] = "no ground-truth answers in the data: answer metrics skipped"
-        out["sampled"] = {"format_rate": sum(map(_valid, sampled)) / len(sampled)}
+        out["sampled"] = {"format_rate": sum(map(is_format_valid, sampled)) / len(sampled)}
     if reference:
         out["drift"] = drift_metrics(processor.tokenizer, sampled, reference, embed_model)
     out["examples"] = [{"question": ex.question, "answer": ex.answer, "greedy": g} for ex, g in
                        list(zip(examples, greedy))[:8]]
     return out
-
-
-def _valid(text: str) -> bool:
-    from prism.response import is_format_valid
-
-    return is_format_valid(text)
 
 
 def print_table(result: dict, title: str) -> None:
@@ -94,10 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--embed-model", help="fixed model whose hidden states embed responses for the MMD "
                    "(default: --model)")
     p.add_argument("--out", help="JSON output (default: MODEL/eval-<data stem>.json)")
+    p.add_argument("--task", help="task whose checks to add (caption accuracy, per-group accuracy): grids, or "
+                   "module.path:attribute")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(a.seed)
+    task = load_task(a.task, key="--task")
     model_dir = Path(a.model)
     try:
         processor = load_processor(model_dir)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                            key="--embed-model").to(device)
     result = evaluate_model(model, processor, examples, samples=a.samples, temperature=a.temperature,
                             max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reference=reference,
-                            embed_model=embed)
+                            embed_model=embed, task=task)
     if not reference:
         result["note_drift"] = "no reference responses: drift skipped"
     result.update({"model": str(model_dir), "data": a.data, "samples": a.samples, "temperature": a.temperature})

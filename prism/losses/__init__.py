@@ -1,4 +1,4 @@
-"""Pure loss functions over tensors. Shape legend: B prompts, G samples per prompt, N = B*G, T tokens, V vocab.
+"""Layer 4 — pure loss functions over tensors. Shape legend: B prompts, G samples per prompt, N = B*G, T tokens, V vocab.
 
     compute_policy_loss(algo, log_probs, old_log_probs, advantages, response_mask)   # grpo | dapo | gspo
     aggregate_loss(loss_mat, mask, mode)                                            # token-mean | seq-mean-token-*

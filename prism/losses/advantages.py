@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO, DESIGN §5).
+"""Group-relative advantages (GRPO, docs/design.md §5).
 
 Rollouts of one prompt are contiguous: rewards of shape [B·G] are viewed as [B, G].
 """
@@ -10,7 +10,7 @@ import torch
 
 def group_normalize(scores: torch.Tensor, group_size: int, eps: float = 1e-6,
                     scale_by_std: bool = True) -> torch.Tensor:
-    """GN(s)_i = (s_i − mean_group(s)) / (std_group(s) + eps), unbiased std (DESIGN §4 step 2, §5).
+    """GN(s)_i = (s_i − mean_group(s)) / (std_group(s) + eps), unbiased std (docs/design.md §4 step 2, §5).
 
     scores: [B·G] float, groups contiguous. Returns [B·G]. A group whose scores are all equal
     gets 0 everywhere; a group of one (G = 1) gets 0 (its unbiased std is undefined).

@@ -1,4 +1,4 @@
-"""Loss aggregation: how a [N, T] per-token loss becomes one scalar (DESIGN §5).
+"""Loss aggregation: how a [N, T] per-token loss becomes one scalar (docs/design.md §5).
 
 This is where GRPO, DAPO and GSPO differ most, so it is one function with named modes:
 

@@ -3,7 +3,7 @@ Divergence", 2020). With samples y ~ π and log-ratio x = log π_ref(y) − log 
 
     k1 = −x                   unbiased, high variance, can be negative
     k2 = x² / 2               biased, low variance, ≥ 0
-    k3 = eˣ − x − 1           unbiased, low variance, ≥ 0   (DESIGN §5: the default)
+    k3 = eˣ − x − 1           unbiased, low variance, ≥ 0   (docs/design.md §5: the default)
 
 All take log_probs and ref_log_probs of shape [N, T] and return [N, T]; aggregate with
 `prism.losses.aggregate.aggregate_loss` under the response mask.
@@ -15,12 +15,13 @@ from typing import Callable
 
 import torch
 
-# exp() of a log-ratio beyond this overflows float32 long before it is informative.
-_MAX_LOG_RATIO = 20.0
+# A log-ratio beyond ±20 means a ratio of 5e8 or 2e-9: clipped (policy loss) or uninformative (KL) anyway,
+# and exp() of it must not overflow float32. Shared by every loss that exponentiates a log-ratio.
+MAX_LOG_RATIO = 20.0
 
 
 def _log_ratio(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    return (ref_log_probs - log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return (ref_log_probs - log_probs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
 def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:

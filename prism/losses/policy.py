@@ -1,4 +1,4 @@
-"""Clipped policy-gradient losses, registered by algorithm name (DESIGN §5). Used by ALIGN and RL.
+"""Clipped policy-gradient losses, registered by algorithm name (docs/design.md §5). Used by ALIGN and RL.
 
     loss, metrics = compute_policy_loss("grpo", log_probs, old_log_probs, advantages, response_mask)
 
@@ -19,9 +19,7 @@ from typing import Callable
 import torch
 
 from prism.losses.aggregate import LOSS_AGG_MODES, aggregate_loss, masked_mean
-
-# A log-ratio beyond ±20 means r ≈ 5e8 or 2e-9: clipped anyway, and exp() must not overflow.
-_MAX_LOG_RATIO = 20.0
+from prism.losses.kl import MAX_LOG_RATIO
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def grpo_loss(log_probs, old_log_probs, advantages, response_mask, *, clip_low, 
 
     l_t = −min(r_t·A, clip(r_t, 1−ε_lo, 1+ε_hi)·A). Returns per-token loss, ratio, clipped mask, all [N, T].
     """
-    log_ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_ratio = (log_probs - old_log_probs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     loss, clipped = _clipped_surrogate(ratio, advantages.unsqueeze(-1), clip_low, clip_high)
     return loss, ratio, clipped
@@ -81,7 +79,7 @@ def gspo_loss(log_probs, old_log_probs, advantages, response_mask, *, clip_low, 
     """
     mask = response_mask.to(log_probs.dtype)
     seq_log_ratio = ((log_probs - old_log_probs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
-    seq_log_ratio = seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    seq_log_ratio = seq_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + log_probs - log_probs.detach()  # [N, T]
     ratio = torch.exp(token_log_ratio)
     loss, clipped = _clipped_surrogate(ratio, advantages.unsqueeze(-1), clip_low, clip_high)

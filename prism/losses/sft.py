@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from prism.core.example import IGNORE_INDEX
+from prism.models.logprobs import head_log_probs
 
 
 def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,14 +29,12 @@ def head_token_nll(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
                    logits_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """`shifted_token_nll(head(hidden), labels)` without the [B, T, V] logits.
 
-    hidden: [B, T, H] final hidden states (prism.rollout.logprobs.final_hidden_states); head: the
+    hidden: [B, T, H] final hidden states (prism.models.logprobs.final_hidden_states); head: the
     output projection; labels: [B, T] as above. Only the positions that predict a labelled token go
     through the head, `logits_chunk` of them at a time (checkpointed under gradients), so the head's
     compute is spent on the response alone and peak logits memory is logits_chunk x V floats.
     Returns (nll_sum: scalar float32, n_tokens: scalar long), as shifted_token_nll.
     """
-    from prism.rollout.logprobs import head_log_probs  # not at the top: prism.rollout imports IGNORE_INDEX
-
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     log_probs, _ = head_log_probs(hidden[:, :-1][keep].unsqueeze(0), head, targets[keep].unsqueeze(0),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from prism.config import ModelSettings
+from prism.core.config import ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from prism.core.batching import token_budget_batches
+from prism.core.rollouts import Rollouts
 from prism.models.loader import is_fully_sharded, unwrap
-from prism.rollout.batching import token_budget_batches
-from prism.rollout.engine import Rollouts
 
 
 def logits_to_log_probs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False,
@@ -81,7 +81,7 @@ def token_log_probs(
 
     temperature: logits are divided by it (match the sampling temperature; 0 is treated as 1).
     chunk_size: rows per forward (None: all at once). token_budget: instead, rows per forward such
-    that rows × longest row ≤ budget (prism.rollout.batching). with_entropy: also return [N, T]
+    that rows × longest row ≤ budget (prism.core.batching). with_entropy: also return [N, T]
     entropies. logits_chunk: tokens per output-head slice (bounds the logits memory; module doc).
     """
     n = len(rollouts)
@@ -117,7 +117,7 @@ def _log_probs(model: torch.nn.Module, part: Rollouts, temperature: float, with_
     inputs = {k: v.to(device) for k, v in part.model_inputs().items()}
     hidden = final_hidden_states(model, inputs)[:, -(T + 1):-1]  # position t predicts response token t
     lp, ent = head_log_probs(hidden, output_head(model), part.response_ids.to(device), temperature, with_entropy,
-                             part.meta.get("suppress_ids"), logits_chunk)
+                             part.suppress_ids, logits_chunk)
     mask = part.response_mask.to(device)
     return lp.masked_fill(~mask, 0.0), (ent.masked_fill(~mask, 0.0) if with_entropy else None)
 

@@ -30,7 +30,7 @@ QWEN_SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# The response-format tags of DESIGN §2: single tokens, not special (they survive decoding).
+# The response-format tags of docs/design.md §2: single tokens, not special (they survive decoding).
 FORMAT_TAGS = ["<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>"]
 
 # Qwen2's pre-tokenizer split: words with their leading space, single digits, punctuation runs.

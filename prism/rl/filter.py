@@ -1,4 +1,4 @@
-"""`prism-rl filter`: the difficulty-matched RL subset (DESIGN §5).
+"""`prism-rl filter`: the difficulty-matched RL subset (docs/design.md §5).
 
     prism-rl filter --model runs/align/checkpoint-000100 --data data/demo/rl.jsonl --k 8 --band 0,1 \\
                     --max-n 2000 --out data/demo/rl_matched.jsonl
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from prism.config import ModelSettings
+from prism.core.config import ModelSettings
 from prism.data.formats import load_examples, save_sharegpt_jsonl
 from prism.models.loader import load_model
 from prism.models.processor import load_processor

@@ -1,17 +1,17 @@
-"""Stage 3 — RLVR with GRPO, DAPO or GSPO and verifiable rewards (DESIGN §5).
+"""Stage 3 — RLVR with GRPO, DAPO or GSPO and verifiable rewards (docs/design.md §5).
 
     prism-rl --algo grpo --config configs/rl/demo.yaml [rollout.group_size=8 optim.lr=1e-6 ...]
     prism-rl filter --model DIR --data FILE --k 8 --band 0,1 --max-n 2000 --out FILE
     accelerate launch --config_file configs/accelerate/ddp.yaml -m prism.rl.train --algo dapo --config ...
 
-One step, top to bottom: take the next `train.batch_size` prompts per process → sample
+One step, top to bottom: take the next `train.prompts_per_step` prompts per process → sample
 `rollout.group_size` responses each (the rollout engine) → rewards (0.8·accuracy + 0.2·format by
 default; DAPO adds overlong shaping) → under dynamic sampling, drop groups whose rewards are all
 equal and sample more prompts until the batch is full → group-relative advantages → the clipped
-policy update (`prism.rl.update`, the same one ALIGN uses; KL to a reference only when
+policy update (`prism.loop.policy_update`, the same one ALIGN uses; KL to a reference only when
 `algo.kl_coef > 0`) → log, evaluate, checkpoint.
 
-Prompts are drawn in a seeded order (a permutation per epoch, `prism.loop.micro_batch_indices`);
+Prompts are drawn in a seeded order (a permutation per epoch, `prism.data.order.batch_indices`);
 the number of batches drawn so far is saved with each checkpoint, and with the RNG states this
 makes a resumed run continue exactly where the interrupted one would have gone.
 Groups never split across processes: each process samples whole groups for its own prompts.
@@ -25,23 +25,27 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from prism.checkpoint import resolve_resume
-from prism.config import ConfigError, RLConfig, load_config
-from prism.data.example import DataError, Example
+from prism.checkpoint import resolve_resume, restore_optimizer, save_policy_checkpoint
+from prism.core.config import load_config
+from prism.core.errors import ConfigError, RunError
+from prism.core.example import Example
+from prism.core.rollouts import Rollouts, SamplingParams
+from prism.core.task import load_task
 from prism.data.formats import load_examples
-from prism.loop import (RunError, replicated_load, evaluate_policy, make_optimizer, micro_batch_indices, prepare,
-                        restore_optimizer, save_policy_checkpoint, setup_run)
+from prism.data.order import batch_indices
+from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean, replicated_load
+from prism.eval.policy import evaluate
+from prism.loop.policy_update import policy_update
+from prism.loop.run import check_enough, close_run, end_step, load_eval_data, open_logs, setup_run
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
+from prism.models.logprobs import token_log_probs
 from prism.models.processor import load_processor
 from prism.rewards import REWARDS, RewardModel, overlong_penalty
-from prism.rl.update import policy_update
-from prism.rollout.engine import HFBackend, Rollouts, SamplingParams
-from prism.rollout.logprobs import token_log_probs
-from prism.tracking import Tracker
+from prism.rl.config import RLConfig
+from prism.rollout.engine import RolloutBackend, make_backend
 
 log = logging.getLogger("prism.rl")
 
@@ -73,20 +77,22 @@ def load_prompts(path: str, cfg: RLConfig, limit: int | None = None) -> list[Exa
 class BatchCollector:
     """Draws prompt batches in the run's seeded order, samples and scores them; dynamic sampling."""
 
-    def __init__(self, cfg: RLConfig, accelerator, backend: HFBackend, prompts: list[Example], rewards: RewardModel):
+    def __init__(self, cfg: RLConfig, accelerator, backend: RolloutBackend, prompts: list[Example],
+                 rewards: RewardModel):
         self.cfg, self.acc, self.backend, self.prompts, self.rewards = cfg, accelerator, backend, prompts, rewards
         r = cfg.rollout
         self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                      top_k=r.top_k, n=r.group_size)
         self.cursor = 0  # global prompt batches drawn so far (saved in checkpoints)
 
-    def _draw(self) -> tuple[Rollouts, torch.Tensor, dict[str, torch.Tensor]]:
+    def _draw(self) -> tuple[Rollouts, torch.Tensor, dict[str, torch.Tensor], float]:
+        """One batch of prompts, sampled and scored: rollouts, rewards [N], reward parts, scoring seconds."""
         cfg, acc = self.cfg, self.acc
-        idx = micro_batch_indices(len(self.prompts), self.cursor, cfg.train.batch_size, acc.num_processes,
-                                  acc.process_index, cfg.train.seed)
+        idx = batch_indices(len(self.prompts), self.cursor, cfg.train.prompts_per_step, acc.num_processes,
+                            acc.process_index, cfg.train.seed)
         self.cursor += 1
         batch = [self.prompts[i] for i in idx]
-        rollouts = self.backend.generate(batch, self.params)
+        rollouts = self.backend.rollout(batch, self.params)
         expanded = [ex for ex in batch for _ in range(self.params.n)]
         t0 = time.perf_counter()
         rewards, parts = self.rewards(rollouts.texts, expanded)
@@ -96,13 +102,12 @@ class BatchCollector:
         shaping = overlong_penalty(rollouts.response_lengths, cfg.rollout.max_new_tokens, overlong_buffer(cfg),
                                    cfg.algo.overlong_penalty)
         parts["overlong_penalty"] = shaping
-        rollouts.meta["score_seconds"] = time.perf_counter() - t0
-        return rollouts, rewards + shaping, parts
+        return rollouts, rewards + shaping, parts, time.perf_counter() - t0
 
     def collect(self, step: int) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
         """Rollouts and rewards [N] for one step (N = kept groups × G), plus sampling metrics."""
         cfg, acc, G = self.cfg, self.acc, self.params.n
-        want = cfg.train.batch_size
+        want = cfg.train.prompts_per_step
         dynamic = dynamic_sampling_on(cfg)
         kept: list[Rollouts] = []
         kept_rewards: list[torch.Tensor] = []
@@ -111,8 +116,8 @@ class BatchCollector:
         t_gen = t_score = 0.0
         while True:
             t0 = time.perf_counter()
-            rollouts, rewards, parts = self._draw()
-            t_score += rollouts.meta.pop("score_seconds")
+            rollouts, rewards, parts, seconds = self._draw()
+            t_score += seconds
             t_gen += time.perf_counter() - t0
             rounds += 1
             for k, v in {**parts, "reward": rewards, "length": rollouts.response_lengths.float(),
@@ -147,17 +152,24 @@ class BatchCollector:
         return rollouts, rewards, metrics
 
 
+def reference_log_probs(cfg: RLConfig, reference, rollouts: Rollouts) -> torch.Tensor | None:
+    """[N, T] log-probs of the frozen reference (only with `algo.kl_coef > 0`), else None."""
+    if reference is None:
+        return None
+    with torch.no_grad():
+        return token_log_probs(reference, rollouts, cfg.rollout.temperature, cfg.rollout.logprob_chunk_size,
+                               token_budget=cfg.rollout.logprob_token_budget)[0]
+
+
 def train(cfg: RLConfig) -> dict:
     check_config(cfg)
     # --- build -----------------------------------------------------------------------------
     accelerator, out = setup_run(cfg)
-    rank = accelerator.process_index
+    task = load_task(cfg.data.task)
     processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg.data.train, cfg)
-    eval_data = load_prompts(cfg.data.eval, cfg, limit=cfg.data.eval_limit) if cfg.data.eval else []
-    if len(prompts) < cfg.train.batch_size * accelerator.num_processes:
-        raise DataError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than one batch "
-                        f"(train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes)")
+    eval_data = load_eval_data(cfg)
+    check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", accelerator.num_processes)
     rewards = RewardModel(cfg.reward.functions)
 
     resume_from = resolve_resume(cfg.train.resume, out)
@@ -166,20 +178,17 @@ def train(cfg: RLConfig) -> dict:
     if cfg.algo.kl_coef > 0:  # only then: a frozen copy of the starting policy
         with replicated_load():
             reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(cfg, params)
+    optimizer, scheduler = optimizer_from_config(cfg, [p for p in model.parameters() if p.requires_grad])
     model, optimizer, params = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
-    backend = HFBackend(accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
+    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm)
+    backend = make_backend(cfg.rollout.backend, accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 
     start = 0
     if resume_from is not None:
-        state = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model)
+        state = restore_optimizer(resume_from, optimizer, scheduler, accelerator.process_index, model=model)
         start, collector.cursor = state["step"], state["cursor"]
-
-    tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not accelerator.is_main_process,
-               desc=f"rl/{cfg.algo.name}", dynamic_ncols=True)
+    tracker, bar = open_logs(cfg, accelerator, out, start, f"rl/{cfg.algo.name}")
     metrics: dict[str, float] = {}
 
     # --- loop ------------------------------------------------------------------------------
@@ -190,50 +199,24 @@ def train(cfg: RLConfig) -> dict:
         advantages = group_advantages(reward, cfg.rollout.group_size, scale_by_std=cfg.algo.scale_rewards)
 
         t1 = time.perf_counter()
-        ref_log_probs = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_log_probs, _ = token_log_probs(reference, rollouts, cfg.rollout.temperature,
-                                                   cfg.rollout.logprob_chunk_size,
-                                                   token_budget=cfg.rollout.logprob_token_budget)
-        update = policy_update(model, optimizer, accelerator, rollouts, advantages, cfg.algo,
-                               temperature=cfg.rollout.temperature, logprob_chunk_size=cfg.rollout.logprob_chunk_size,
-                               logprob_token_budget=cfg.rollout.logprob_token_budget,
-                               params=params, max_grad_norm=cfg.optim.max_grad_norm, ref_log_probs=ref_log_probs,
-                               step=step, out_dir=out)
+        actor = policy_update(update, rollouts, advantages, cfg.algo, temperature=cfg.rollout.temperature,
+                              logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+                              logprob_token_budget=cfg.rollout.logprob_token_budget,
+                              ref_log_probs=reference_log_probs(cfg, reference, rollouts), step=step, out_dir=out)
         scheduler.step()
-        metrics.update({f"actor/{k}": v for k, v in update.items()})
+        metrics.update({f"actor/{k}": v for k, v in actor.items()})
         metrics.update({"time/update": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
                         "actor/lr": scheduler.get_last_lr()[0]})
-        if accelerator.num_processes > 1:
-            keys = sorted(k for k in metrics if k.startswith("rollout/"))
-            vals = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
-            metrics.update(zip(keys, vals.tolist()))
+        metrics = reduce_mean(accelerator, metrics, ("rollout/",))
 
-        last = step == cfg.train.max_steps
-        if eval_data and (last or cfg.eval.every and step % cfg.eval.every == 0):
-            metrics.update(evaluate(cfg, accelerator, model, processor, eval_data))
-        if step % cfg.train.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
-            tracker.log(metrics, step)
+        end_step(cfg, step, metrics, tracker,
+                 evaluate=(lambda: evaluate(accelerator, model, processor, eval_data, cfg.eval, task)) if eval_data else None,
+                 save=lambda: save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler,
+                                                     {"metrics": metrics, "cursor": collector.cursor}))
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['rollout/reward']:.3f}", acc=f"{metrics.get('rollout/accuracy', 0):.3f}")
-        if last or cfg.train.save_every and step % cfg.train.save_every == 0:
-            save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler,
-                                   {"metrics": metrics, "cursor": collector.cursor})
 
-    bar.close()
-    tracker.close()
-    accelerator.end_training()
-    return metrics
-
-
-def evaluate(cfg: RLConfig, accelerator, model, processor, examples: list[Example]) -> dict[str, float]:
-    """Held-out accuracy greedy (eval/...) and sampled at the rollout temperature (eval_sampled/...)."""
-    kw = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    metrics = evaluate_policy(accelerator, model, processor, examples, **kw)
-    if cfg.rollout.temperature > 0:
-        metrics.update(evaluate_policy(accelerator, model, processor, examples, temperature=cfg.rollout.temperature,
-                                       prefix="eval_sampled/", **kw))
+    close_run(accelerator, tracker, bar)
     return metrics
 
 
@@ -243,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         from prism.rl.filter import main as filter_main
 
         return filter_main(argv[1:])
-    p = argparse.ArgumentParser(prog="prism-rl", description="Stage 3: RLVR with GRPO / DAPO / GSPO (DESIGN §5). "
+    p = argparse.ArgumentParser(prog="prism-rl", description="Stage 3: RLVR with GRPO / DAPO / GSPO (docs/design.md §5). "
                                 "`prism-rl filter --help` for the difficulty-matched subset.")
     p.add_argument("--algo", choices=sorted(ALGORITHMS), help="policy loss (overrides algo.name)")
     p.add_argument("--config", help="YAML config (see configs/rl/)")

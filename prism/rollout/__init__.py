@@ -1,6 +1,11 @@
-"""The rollout engine: the only code that samples, and the one log-prob function."""
+"""Layer 3 — the rollout engine: the sampling protocol (`RolloutBackend`) and its backends. The only
+code in prism that samples from a model; SFT evaluation, ALIGN and RL all call it.
 
-from prism.rollout.engine import HFBackend, RolloutBackend, Rollouts, SamplingParams, generate, sample
-from prism.rollout.logprobs import token_log_probs
+    rollouts = sample(model, processor, examples, SamplingParams(n=8, temperature=1.0))
+"""
 
-__all__ = ["HFBackend", "RolloutBackend", "Rollouts", "SamplingParams", "generate", "sample", "token_log_probs"]
+from prism.core.rollouts import Rollouts, SamplingParams
+from prism.rollout.engine import BACKENDS, HFBackend, RolloutBackend, make_backend, sample, sample_texts
+
+__all__ = ["BACKENDS", "HFBackend", "RolloutBackend", "Rollouts", "SamplingParams", "make_backend", "sample",
+           "sample_texts"]

@@ -1,1 +1,2 @@
-"""Stage 1: supervised fine-tuning."""
+"""Layer 8 — stage 1, SFT: next-token loss on the assistant tokens of demonstrations (`train`), and
+its config (`config`)."""

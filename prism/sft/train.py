@@ -1,4 +1,4 @@
-"""Stage 1 — SFT: next-token loss on the assistant tokens of demonstrations (DESIGN §3).
+"""Stage 1 — SFT: next-token loss on the assistant tokens of demonstrations (docs/design.md §3).
 
     prism-sft --config configs/sft/demo.yaml [optim.lr=2e-4 data.train=... ...]
     accelerate launch --config_file configs/accelerate/ddp.yaml -m prism.sft.train --config ...
@@ -23,23 +23,25 @@ import logging
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from prism.checkpoint import resolve_resume
-from prism.config import SFTConfig, load_config
+from prism.checkpoint import resolve_resume, restore_optimizer, save_policy_checkpoint
+from prism.core.batching import token_budget_batches
+from prism.core.config import load_config
+from prism.core.errors import DataError
+from prism.core.example import IGNORE_INDEX, Example
+from prism.core.task import load_task
 from prism.data.collate import SFTCollator, token_length
-from prism.data.example import DataError, Example
 from prism.data.formats import load_examples
+from prism.data.order import batch_indices
 from prism.data.packing import pack
-from prism.loop import (NonFiniteLossError, accumulating, backward, check_finite, clip_grad_norm,  # noqa: F401
-                        evaluate_policy, make_optimizer, micro_batch_indices, prepare, restore_optimizer,
-                        save_policy_checkpoint, setup_run)
-from prism.losses.sft import IGNORE_INDEX, head_token_nll, shifted_token_nll
+from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_sum
+from prism.eval.policy import evaluate
+from prism.loop.run import check_enough, close_run, end_step, load_eval_data, open_logs, setup_run
+from prism.losses.sft import head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
+from prism.models.logprobs import final_hidden_states, output_head
 from prism.models.processor import load_processor
-from prism.rollout.batching import token_budget_batches
-from prism.rollout.logprobs import final_hidden_states, output_head
-from prism.tracking import Tracker
+from prism.sft.config import SFTConfig
 
 log = logging.getLogger("prism.sft")
 
@@ -64,89 +66,85 @@ def split_by_budget(rows: list[int], lengths: list[int], budget: int | None) -> 
     return [[rows[j] for j in part] for part in token_budget_batches([lengths[i] for i in rows], budget)]
 
 
+def step_batches(cfg: SFTConfig, collate, data: list[Example], lengths: list[int], step: int, world: int,
+                 rank: int) -> list[dict[str, torch.Tensor]]:
+    """The collated forwards of optimizer step `step` on this process: its `grad_accum` micro-batches of the
+    seeded order (`prism.data.order`), each split by `train.micro_token_budget`."""
+    t = cfg.train
+    return [collate([data[i] for i in rows]) for m in range(t.grad_accum) for rows in split_by_budget(
+        batch_indices(len(data), (step - 1) * t.grad_accum + m, t.micro_batch_size, world, rank, t.seed),
+        lengths, t.micro_token_budget)]
+
+
+def token_nll(cfg: SFTConfig, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token NLL of one forward's labelled tokens (docs/design.md §3)."""
+    labels = batch.pop("labels")
+    if cfg.train.logits_chunk:
+        nll, _ = head_token_nll(final_hidden_states(model, batch), output_head(model), labels, cfg.train.logits_chunk)
+    else:
+        nll, _ = shifted_token_nll(model(**batch).logits, labels)
+    return nll
+
+
 def train(cfg: SFTConfig) -> dict:
     # --- build -----------------------------------------------------------------------------
     accelerator, out = setup_run(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
-
+    task = load_task(cfg.data.task)
     processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
     train_data, lengths = load_train_data(cfg, processor)
-    eval_data = (load_examples(cfg.data.eval, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad,
-                               limit=cfg.data.eval_limit) if cfg.data.eval else [])
-    if len(train_data) < cfg.train.batch_size * world:
-        raise DataError(f"{cfg.data.train}: {len(train_data)} examples, fewer than one global micro-batch "
-                        f"(train.batch_size={cfg.train.batch_size} x {world} processes)")
+    eval_data = load_eval_data(cfg)
+    check_enough(cfg, len(train_data), cfg.train.micro_batch_size, "train.micro_batch_size", world, "examples")
     collate = SFTCollator(processor, cfg.data.max_length)
 
     resume_from = resolve_resume(cfg.train.resume, out)
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(cfg, params)
-    model, optimizer, params = prepare(accelerator, model, optimizer, cfg.train.batch_size)
+    optimizer, scheduler = optimizer_from_config(cfg, [p for p in model.parameters() if p.requires_grad])
+    model, optimizer, params = prepare(accelerator, model, optimizer, cfg.train.micro_batch_size)
+    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm)
 
     start = 0
     if resume_from is not None:
         start = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model)["step"]
-
-    tracker = Tracker(out, cfg.logging, cfg.model_dump(mode="json"), enabled=accelerator.is_main_process)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not accelerator.is_main_process,
-               desc="sft", dynamic_ncols=True)
+    tracker, bar = open_logs(cfg, accelerator, out, start, "sft")
     metrics: dict[str, float] = {}
-    accum = cfg.train.grad_accum
 
     # --- loop ------------------------------------------------------------------------------
     model.train()
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([train_data[i] for i in rows]) for m in range(accum) for rows in split_by_budget(
-            micro_batch_indices(len(train_data), (step - 1) * accum + m, cfg.train.batch_size, world, rank,
-                                cfg.train.seed), lengths, cfg.train.micro_token_budget)]
-        n_tokens = accelerator.reduce(
-            sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(accelerator.device), "sum").item()
+        micro = step_batches(cfg, collate, train_data, lengths, step, world, rank)
+        # the step's labelled tokens over all micro-batches and processes normalise every micro-batch's loss
+        n_tokens = int(reduce_sum(accelerator, sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)))
         nll_total = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if cfg.train.padding_free:
                 batch = pack(accelerator.unwrap_model(model), batch)
-            labels = batch.pop("labels")
-            with accumulating(accelerator, model, last=m == len(micro) - 1):
-                if cfg.train.logits_chunk:
-                    nll, _ = head_token_nll(final_hidden_states(model, batch), output_head(model), labels,
-                                            cfg.train.logits_chunk)
-                else:
-                    nll, _ = shifted_token_nll(model(**batch).logits, labels)
-                # DDP averages gradients over processes, hence the factor `world`.
-                backward(accelerator, nll * world / n_tokens)
+            with update.micro_batch(last=m == len(micro) - 1):
+                nll = token_nll(cfg, model, batch)
+                update.backward(nll / n_tokens)
             nll_total += nll.detach()
-        loss = accelerator.reduce(nll_total, "sum").item() / n_tokens
-        grad_norm = clip_grad_norm(accelerator, params, cfg.optim.max_grad_norm)
-        check_finite(step, out, loss=loss, **({"grad_norm": grad_norm} if cfg.optim.max_grad_norm else {}))
-        optimizer.step()
+        loss = reduce_sum(accelerator, nll_total) / n_tokens
+        grad_norm = update.step(step, out, loss=loss)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens": n_tokens, "train/step_seconds": time.perf_counter() - t0,
-                   "train/epoch": (step * accum * cfg.train.batch_size * world) / len(train_data)}
-        last = step == cfg.train.max_steps
-        if eval_data and (last or cfg.eval.every and step % cfg.eval.every == 0):
-            metrics.update(evaluate_policy(accelerator, model, processor, eval_data,
-                                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size))
-        if step % cfg.train.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
-            tracker.log(metrics, step)
+                   "train/epoch": (step * cfg.train.grad_accum * cfg.train.micro_batch_size * world) / len(train_data)}
+        end_step(cfg, step, metrics, tracker,
+                 evaluate=(lambda: evaluate(accelerator, model, processor, eval_data, cfg.eval, task)) if eval_data else None,
+                 save=lambda: save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler,
+                                                     {"metrics": metrics}))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **{k[5:]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
-        if last or cfg.train.save_every and step % cfg.train.save_every == 0:
-            save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler, {"metrics": metrics})
 
-    bar.close()
-    tracker.close()
-    accelerator.end_training()
+    close_run(accelerator, tracker, bar)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="prism-sft", description="Stage 1: supervised fine-tuning (DESIGN §3).")
+    p = argparse.ArgumentParser(prog="prism-sft", description="Stage 1: supervised fine-tuning (docs/design.md §3).")
     p.add_argument("--config", help="YAML config (see configs/sft/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 train.max_steps=10")
     a = p.parse_args(argv)

@@ -3,7 +3,7 @@
 A scene is a square grid (list of rows, each a list of colour names) drawn as flat 16x16-pixel
 cells, so one cell is exactly one merged vision token (patch 8, merge 2). Questions (`count`,
 `compare`, `row_count`, `most`) have a ground truth computed from the scene, and every reference
-response has the DESIGN §2 shape
+response has the docs/design.md §2 shape
 
     <caption>row 1: red blue green; row 2: ...</caption><think>step by step</think><answer>3</answer>
 
@@ -391,3 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = " ".join(f"{s}={k}" for s, k in result["sizes"].items())
     print(f"prism-synth: wrote {sizes} to {result['out']} (grids {','.join(map(str, args.grids))}, seed {args.seed})")
     return result
+
+
+def cli() -> None:
+    """The `prism-synth` console script (prints one line, exits 0; bad arguments exit 2)."""
+    main()

@@ -1,0 +1,36 @@
+"""`prism-rl`'s config: the shared sections (`prism.core.config`) and the reward."""
+
+from __future__ import annotations
+
+from prism.core.config import (
+    AlgoSettings,
+    DataSettings,
+    EvalSettings,
+    LoggingSettings,
+    ModelSettings,
+    OnPolicyRunSettings,
+    OptimSettings,
+    RolloutSettings,
+    Section,
+)
+
+
+class RewardSettings(Section):
+    functions: dict[str, float] = {"accuracy": 0.8, "format": 0.2}
+    """Reward = Σ weight · function; names from prism.rewards or `module.path:function`."""
+
+
+class RLConfig(Section):
+    """`prism-rl`: RLVR with GRPO, DAPO or GSPO and verifiable rewards (docs/design.md §5)."""
+
+    renamed = {"train.batch_size": "train.prompts_per_step"}
+
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings(max_length=512, eval_limit=256)
+    rollout: RolloutSettings = RolloutSettings()
+    algo: AlgoSettings = AlgoSettings()
+    reward: RewardSettings = RewardSettings()
+    optim: OptimSettings = OptimSettings(lr=1e-6, warmup_ratio=0.0, scheduler="constant")
+    train: OnPolicyRunSettings = OnPolicyRunSettings()
+    eval: EvalSettings = EvalSettings()
+    logging: LoggingSettings = LoggingSettings()

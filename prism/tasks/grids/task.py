@@ -1,0 +1,68 @@
+"""The colour-grid task behind the `Task` interface (`prism.core.task`)."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from prism.align.warmup import corrupt_caption, corrupt_response, corrupt_think, swap_one
+from prism.core.errors import ConfigError
+from prism.core.example import Example
+from prism.tasks.grids.generator import (
+    COLORS,
+    NUMBER_WORDS,
+    QUESTION_TYPES,
+    SynthConfig,
+    caption_matches_scene,
+    generate,
+)
+
+_COLOUR = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
+
+
+class GridTask:
+    name = "grids"
+    table_groups = QUESTION_TYPES
+
+    def caption_correct(self, caption: str | None, example: Example) -> bool | None:
+        if "scene" not in example.meta:
+            return None
+        return caption is not None and caption_matches_scene(caption, example.meta["scene"])
+
+    def groups(self, example: Example) -> list[str]:
+        """Its question type and its grid size ("3x3")."""
+        out = [example.meta["question_type"]] if "question_type" in example.meta else []
+        if "grid" in example.meta:
+            out.append(f"{example.meta['grid']}x{example.meta['grid']}")
+        return out
+
+    def corrupt_response(self, response: str, rng: random.Random) -> str:
+        """One perception error (a colour of the caption replaced by another) and one reasoning error (a
+        count word changed); without such words, the library's word-level corruption."""
+        return corrupt_response(response, rng, caption=self._corrupt_caption, think=self._corrupt_think)
+
+    @staticmethod
+    def _corrupt_caption(caption: str, rng: random.Random) -> str:
+        if _COLOUR.search(caption):
+            return swap_one(caption, _COLOUR, list(COLORS), rng)
+        return corrupt_caption(caption, rng)
+
+    @staticmethod
+    def _corrupt_think(think: str, rng: random.Random) -> str:
+        if _NUMBER_WORD.search(think):
+            return swap_one(think, _NUMBER_WORD, NUMBER_WORDS[:13], rng)
+        return corrupt_think(think, rng)
+
+    def make_data(self, out: Path, settings: dict) -> None:
+        try:
+            cfg = SynthConfig(out=str(out), **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        except TypeError as e:  # an unknown key
+            raise ConfigError(f"synth: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"synth: {e}") from None
+        generate(cfg)
+
+
+TASK = GridTask()

@@ -1,0 +1,106 @@
+"""The task interface: tasks load by name or module:attribute, the library works without one, and a
+user's task plugs into evaluation and the warm-start corruptions exactly as the demo task does."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from prism.align.warmup import corrupt_response
+from prism.core.errors import ConfigError
+from prism.core.example import Example
+from prism.core.response import is_format_valid, parse_response
+from prism.core.task import Task, load_task
+from prism.eval.metrics import score_responses
+from prism.tasks.grids import TASK
+
+
+class LetterTask:
+    """A user's task: the caption must name the example's letter; groups by letter."""
+
+    name = "letters"
+    table_groups = ("a", "b")
+
+    def caption_correct(self, caption, example):
+        return caption == example.meta["letter"] if "letter" in example.meta else None
+
+    def groups(self, example):
+        return [example.meta["letter"]]
+
+    def corrupt_response(self, response, rng):
+        return response.replace("<caption>a", "<caption>b")
+
+    def make_data(self, out, settings):
+        raise NotImplementedError
+
+
+LETTERS = LetterTask()
+
+
+def _ex(answer, **meta):
+    return Example(messages=[{"role": "user", "content": "q"}], answer=answer, meta=meta)
+
+
+def _resp(caption, think, answer):
+    return f"<caption>{caption}</caption><think>{think}</think><answer>{answer}</answer>"
+
+
+def test_tasks_load_by_name_or_module_attribute():
+    assert load_task("grids") is TASK and isinstance(TASK, Task)
+    assert load_task(None) is None and load_task("") is None
+    assert load_task("test_task:LETTERS") is LETTERS  # tests/ is on the path under pytest
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nope", "data.task: unknown task 'nope'; use one of grids or module.path:attribute"),
+    ("no.such.module:TASK", "data.task: cannot import task 'no.such.module:TASK'"),
+    ("test_task:_resp", "data.task: 'test_task:_resp' is not a prism.core.task.Task"),
+])
+def test_a_bad_task_is_one_line_naming_the_key(name, message):
+    with pytest.raises(ConfigError) as err:
+        load_task(name)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_without_a_task_evaluation_reports_answers_and_format_only():
+    examples = [_ex("3", letter="a"), _ex("3", letter="b"), _ex("3", letter="a")]
+    responses = [_resp("a", "t", "3"), _resp("x", "t", "4"), "<answer>2</answer>"]
+    plain = score_responses(examples, responses)
+    assert plain["accuracy"] == pytest.approx(1 / 3) and plain["format_rate"] == pytest.approx(2 / 3)
+    assert "caption_match" not in plain and not any(k.startswith("acc/") for k in plain)
+    # a valid wrong answer is a reasoning error when no task can check the caption
+    assert plain["error/reasoning"] == pytest.approx(1 / 3) and plain["error/perception"] == 0.0
+    with_task = score_responses(examples, responses, LETTERS)
+    assert with_task["caption_match"] == pytest.approx(1 / 3)  # only the first caption names its letter
+    assert with_task["error/perception"] == pytest.approx(1 / 3) and with_task["error/reasoning"] == 0.0
+    assert with_task["acc/a"] == pytest.approx(1 / 2) and with_task["acc/b"] == 0.0
+
+
+def test_word_level_corruption_without_a_task_changes_one_caption_word_and_one_digit():
+    ref = _resp("a red square left of a blue circle", "there are 3 shapes and 2 colours", "5")
+    bad = corrupt_response(ref, random.Random(0))
+    a, b = parse_response(ref), parse_response(bad)
+    assert is_format_valid(bad) and a.answer == b.answer
+    assert sum(x != y for x, y in zip(a.caption.split(), b.caption.split())) == 1
+    assert len(a.caption.split()) == len(b.caption.split())
+    changed = [(x, y) for x, y in zip(a.think, b.think) if x != y]
+    assert len(changed) == 1 and all(c.isdigit() for c in changed[0])  # one digit, nothing else
+    assert corrupt_response(ref, random.Random(0)) == bad  # seeded
+
+
+def test_the_grid_task_checks_captions_against_the_scene():
+    scene = [["red", "blue"], ["blue", "blue"]]
+    ex = _ex("3", scene=scene, question_type="count", grid=2)
+    assert TASK.caption_correct("row 1: red blue; row 2: blue blue", ex) is True
+    assert TASK.caption_correct("row 1: red red; row 2: blue blue", ex) is False
+    assert TASK.caption_correct(None, ex) is False
+    assert TASK.caption_correct("anything", _ex("3")) is None  # no scene: nothing to check
+    assert TASK.groups(ex) == ["count", "2x2"]
+
+
+def test_the_grid_task_rejects_bad_data_settings_with_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="synth: .*bias_rate"):
+        TASK.make_data(tmp_path / "d", {"n": 8, "bias_rate": 2.0})
+    with pytest.raises(ConfigError, match="synth: .*no_such_knob"):
+        TASK.make_data(tmp_path / "d", {"no_such_knob": 1})

@@ -78,11 +78,14 @@ class PipelineEvalSettings(Section):
     """Sampled responses per prompt for pass@1 and drift (0: greedy only)."""
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(64, gt=0)
+    chunk_size: int = Field(64, gt=0)
+    """Sequences per generate call."""
 
 
 class PipelineConfig(Section):
     """`prism-pipeline`: tiny model + the task's data -> SFT -> {RL with X | ALIGN -> RL with X}, evaluated."""
+
+    renamed = {"eval.batch_size": "eval.chunk_size"}
 
     workdir: str = "runs/pipeline"
     """Everything the pipeline writes: stage outputs, evaluations, results.json, plots."""
@@ -197,7 +200,7 @@ class Pipeline:
         model = load_model(ModelSettings(path=str(ckpt)), trainable=False)
         embed = load_model(ModelSettings(path=str(self.model_dir())), trainable=False)  # one fixed embedder
         result = evaluate_model(model, load_processor(ckpt), test, samples=e.samples, temperature=e.temperature,
-                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                max_new_tokens=e.max_new_tokens, chunk_size=e.chunk_size,
                                 reference=[ex.response for ex in test], embed_model=embed, task=self.task)
         cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
         return result

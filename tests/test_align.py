@@ -154,6 +154,15 @@ def test_save_and_reload_give_the_same_scores(disc, examples, tmp_path):
         torch.testing.assert_close(before[comp], again[comp])
     with pytest.raises(ConfigError, match="saved with dense=False, cannot load it as dense=True"):
         MoEDiscriminator.from_pretrained(tmp_path / "d", dense=True)
+    # a discriminator.json of an earlier version (load options and `extra` in it) still loads, to the same scores
+    config = json.loads((tmp_path / "d" / "discriminator.json").read_text())
+    (tmp_path / "d" / "discriminator.json").write_text(json.dumps({**config, "dtype": "auto", "extra": {}}))
+    old = MoEDiscriminator.from_pretrained(tmp_path / "d").score(examples, responses)
+    torch.testing.assert_close(before["perception"], old["perception"])
+    # anything else unknown is an error naming the key, not silently dropped
+    (tmp_path / "d" / "discriminator.json").write_text(json.dumps({**config, "lora_rank": 4}))
+    with pytest.raises(ConfigError, match=r"discriminator\.json: unknown config key 'lora_rank'$"):
+        MoEDiscriminator.from_pretrained(tmp_path / "d")
 
 
 def test_dense_ablation_scores_both_components_with_one_scorer(tiny_model_dir, examples):

@@ -191,6 +191,8 @@ def test_overriding_one_key_keeps_the_stage_defaults_of_its_section():
     ("prism.align.config:AlignConfig", "train.batch_size", "train.prompts_per_step"),
     ("prism.align.config:AlignConfig", "discriminator.micro_batch_size", "discriminator.prompts_per_micro_batch"),
     ("prism.align.config:AlignConfig", "warmup.batch_size", "warmup.pairs_per_step"),
+    ("prism.rl.config:RLConfig", "eval.batch_size", "eval.chunk_size"),
+    ("prism.pipeline:PipelineConfig", "eval.batch_size", "eval.chunk_size"),
 ])
 def test_a_renamed_key_stops_naming_its_replacement(tmp_path, cls, old, new):
     import importlib

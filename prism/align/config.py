@@ -81,7 +81,7 @@ class AlignConfig(Section):
 
     renamed = {"train.batch_size": "train.prompts_per_step",
                "discriminator.micro_batch_size": "discriminator.prompts_per_micro_batch",
-               "warmup.batch_size": "warmup.pairs_per_step"}
+               "warmup.batch_size": "warmup.pairs_per_step", "eval.batch_size": "eval.chunk_size"}
 
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings(max_length=512, eval_limit=128)

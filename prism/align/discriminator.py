@@ -48,6 +48,8 @@ from prism.models.processor import load_processor
 
 CONFIG_FILE = "discriminator.json"
 HEADS_FILE = "heads.safetensors"
+LOAD_OPTIONS = ("dtype", "attn_implementation", "extra")
+"""Keys of discriminator.json files from earlier versions that are not part of the config (load options)."""
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -77,11 +79,11 @@ class DiscriminatorConfig(Section):
         return ("shared",) if self.dense else COMPONENTS
 
 
-def _config(values: dict) -> DiscriminatorConfig:
+def _config(values: dict, origin: str = "discriminator") -> DiscriminatorConfig:
     try:
         return DiscriminatorConfig(**values)
     except ValidationError as e:
-        raise ConfigError(one_line_error(e, "discriminator")) from None
+        raise ConfigError(one_line_error(e, origin)) from None
 
 
 @dataclass
@@ -135,8 +137,9 @@ class MoEDiscriminator(nn.Module):
                 if key in overrides and overrides[key] != saved[key]:
                     raise ConfigError(f"discriminator.{key}: {path} was saved with {key}={saved[key]!r}, "
                                       f"cannot load it as {key}={overrides[key]!r}")
-            # keys of the config only (files written before the config was unified also held load options)
-            config = _config({**{k: v for k, v in saved.items() if k in DiscriminatorConfig.model_fields}, **overrides})
+            for key in LOAD_OPTIONS:  # files written before the config was unified also held these
+                saved.pop(key, None)
+            config = _config({**saved, **overrides}, origin=str(path / CONFIG_FILE))
             disc = cls._build(path / "backbone", path, config, adapters=path / "adapters", **load)
             disc.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
             return disc

@@ -114,8 +114,8 @@ class RunSettings(Section):
 class EvalSettings(Section):
     every: int = Field(0, ge=0)
     """Evaluate every this many steps (0: only at the end)."""
-    batch_size: int = Field(32, gt=0)
-    """Sequences per generate call."""
+    chunk_size: int = Field(32, gt=0)
+    """Sequences per generate call (as rollout.chunk_size)."""
     max_new_tokens: int = Field(192, gt=0)
     temperature: float = Field(1.0, ge=0)
     """Besides the greedy evaluation (eval/...), one sample per example at this temperature

@@ -36,18 +36,18 @@ log = logging.getLogger("prism.eval")
 
 
 def evaluate_model(model, processor, examples: Sequence[Example], *, samples: int = 1, temperature: float = 1.0,
-                   max_new_tokens: int = 256, batch_size: int = 64, reference: Sequence[str] | None = None,
+                   max_new_tokens: int = 256, chunk_size: int = 64, reference: Sequence[str] | None = None,
                    embed_model=None, task: Task | None = None) -> dict:
     """All metrics of one model on `examples`; see the module docstring for the keys."""
     has_truth = any(ex.answer for ex in examples)
     out: dict = {"n": len(examples)}
     greedy = sample(model, processor, examples, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
-                    chunk_size=batch_size).texts
+                    chunk_size=chunk_size).texts
     sampled = greedy
     if samples > 0 and temperature > 0:
         sampled = sample(model, processor, examples, SamplingParams(max_new_tokens=max_new_tokens,
                                                                     temperature=temperature, n=samples),
-                         chunk_size=batch_size).texts
+                         chunk_size=chunk_size).texts
     if has_truth:
         out["greedy"] = score_responses(examples, greedy, task)
         expanded = [ex for ex in examples for _ in range(len(sampled) // len(examples))]
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--chunk-size", "--batch-size", dest="chunk_size", type=int, default=64,
+                   help="sequences per generate call")
     p.add_argument("--reference", help="reference responses for drift (default: the assistant turns of --data)")
     p.add_argument("--embed-model", help="fixed model whose hidden states embed responses for the MMD "
                    "(default: --model)")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         embed = load_model(ModelSettings(path=a.embed_model), trainable=False, device=device,
                            key="--embed-model").to(device)
     result = evaluate_model(model, processor, examples, samples=a.samples, temperature=a.temperature,
-                            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reference=reference,
+                            max_new_tokens=a.max_new_tokens, chunk_size=a.chunk_size, reference=reference,
                             embed_model=embed, task=task)
     if not reference:
         result["note_drift"] = "no reference responses: drift skipped"

@@ -23,7 +23,7 @@ class RewardSettings(Section):
 class RLConfig(Section):
     """`prism-rl`: RLVR with GRPO, DAPO or GSPO and verifiable rewards (docs/design.md §5)."""
 
-    renamed = {"train.batch_size": "train.prompts_per_step"}
+    renamed = {"train.batch_size": "train.prompts_per_step", "eval.batch_size": "eval.chunk_size"}
 
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings(max_length=512, eval_limit=256)

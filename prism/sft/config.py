@@ -36,7 +36,7 @@ class SFTTrainSettings(RunSettings):
 class SFTConfig(Section):
     """`prism-sft`: supervised fine-tuning on demonstrations, loss on assistant tokens only."""
 
-    renamed = {"train.batch_size": "train.micro_batch_size"}
+    renamed = {"train.batch_size": "train.micro_batch_size", "eval.batch_size": "eval.chunk_size"}
 
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()

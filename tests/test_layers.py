@@ -119,3 +119,21 @@ def test_the_import_reader_sees_function_level_and_module_imports(tmp_path, line
 def test_package_docstrings_say_what_each_layer_is_for():
     missing = [m for m, p in modules().items() if p.name == "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, f"packages without a docstring: {missing}"
+
+
+def test_the_readme_layout_lists_every_top_level_module_in_its_layer():
+    text = (ROOT.parent / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    listed = {}
+    for line in block.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith("prism/"):
+            listed[parts[0].removeprefix("prism/").rstrip("/").removesuffix(".py")] = parts[1]
+    tops = {p.stem if p.is_file() else p.name for p in ROOT.iterdir()
+            if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert set(listed) == tops, f"README layout {sorted(listed)} vs package {sorted(tops)}"
+    for name, layer in listed.items():
+        expected = "-" if f"prism.{name}" == PLUG_INS else str(layer_of(f"prism.{name}"))
+        assert layer == expected, f"README puts prism/{name} in layer {layer}, LAYERS in {expected}"

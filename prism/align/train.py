@@ -19,7 +19,8 @@ Players: the policy G (from the SFT checkpoint, `model.path`) and the discrimina
    references (`discriminator_loss`, format-valid rollouts only).
 
 Monitored, never rewarded: per-expert discriminator accuracy, teacher / policy scores and their
-gap, format rate, and on the synthetic task the rollouts' caption exact match and answer accuracy.
+gap, format rate, answer accuracy and, with a task that checks captions (`data.task`), the rollouts'
+caption match.
 Checkpoints hold both players (the discriminator in `checkpoint-N/discriminator/`) with both
 optimizers and RNG states, so a resumed run continues exactly.
 """

@@ -111,10 +111,12 @@ def pairwise_accuracy(disc: MoEDiscriminator, examples: Sequence[Example], teach
 
 def _negatives(cfg: AlignConfig, backend: RolloutBackend, prompts: list[Example], held_out: list[Example],
                train: list[Example], corrupt: Corruption, rng: random.Random):
-    """(held-out prompts, training prompts, {id(prompt): its fixed negative}, negatives_for(batch)). Corrupted negatives: fixed for the held-out
-    prompts, fresh each time a training prompt is drawn (the experts learn what a wrong cell or step looks
-    like, not one string per prompt). Policy negatives: one sample per prompt, as the game will show D;
-    a sample identical to its reference carries no signal and its prompt is left out."""
+    """(held-out prompts, training prompts, {id(prompt): its fixed negative}, negatives_for(batch)).
+
+    Corrupted negatives: fixed for the held-out prompts, fresh each time a training prompt is drawn (the
+    experts learn what a wrong cell or step looks like, not one string per prompt). Policy negatives: one
+    sample per prompt, as the game will show D; a sample identical to its reference carries no signal
+    and its prompt is left out."""
     if cfg.warmup.negatives == "corrupt":
         fixed = {id(ex): corrupt(ex.response, rng) for ex in held_out}
         return held_out, train, fixed, lambda batch: [corrupt(ex.response, rng) for ex in batch]
@@ -137,9 +139,9 @@ def warm_start(cfg: AlignConfig, accelerator, backend: RolloutBackend, disc: MoE
     rng.shuffle(order)
     n_eval = min(w.eval_pairs, len(prompts) // 4)
     corrupt = task.corrupt_response if task is not None else corrupt_response
-    held_out, train_idx, fixed, negatives_for = _negatives(
+    held_out, train_prompts, fixed, negatives_for = _negatives(
         cfg, backend, prompts, [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]], corrupt, rng)
-    if not train_idx:
+    if not train_prompts:
         log.warning("warm-start skipped: every negative equals its teacher reference")
         return {}
 
@@ -155,14 +157,14 @@ def warm_start(cfg: AlignConfig, accelerator, backend: RolloutBackend, disc: MoE
     for step in bar:
         # warmup.pairs_per_step pairs per process, each process its own slice of the step's pairs
         first = (step * world + rank) * w.pairs_per_step
-        batch = [train_idx[(first + j) % len(train_idx)] for j in range(w.pairs_per_step)]
+        batch = [train_prompts[(first + j) % len(train_prompts)] for j in range(w.pairs_per_step)]
         disc.train()
         loss, m = pair_loss(disc, batch, [ex.response for ex in batch], negatives_for(batch), cfg.discriminator.reg)
         update.backward(loss / world)  # summed over processes: the gradient of the mean over all pairs
         update.step(step, out, warmup_loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", v=f"{m['perception/acc']:.2f}", r=f"{m['reasoning/acc']:.2f}")
     metrics.update(accuracy("warmup"))
-    metrics.update({"warmup/steps": float(w.steps), "warmup/pairs": float(len(train_idx)),
+    metrics.update({"warmup/steps": float(w.steps), "warmup/pairs": float(len(train_prompts)),
                     "warmup/held_out_pairs": float(len(held_out))})
     if accelerator.is_main_process:
         disc.save_pretrained(out / "warmup")

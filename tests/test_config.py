@@ -215,3 +215,14 @@ def test_model_path_and_training_data_have_no_default():
         train(load_config(SFTConfig))
     with pytest.raises(ConfigError, match=r"^data.train: not set"):
         train(load_config(SFTConfig, None, ["model.path=somewhere"]))
+
+
+def test_dual_clip_is_validated_at_load():
+    from prism.rl.config import RLConfig
+
+    assert load_config(RLConfig).algo.clip_ratio_c is None  # off by default
+    assert load_config(RLConfig, None, ["algo.clip_ratio_c=3"]).algo.clip_ratio_c == 3.0
+    with pytest.raises(ConfigError, match=r"algo.clip_ratio_c: Input should be greater than 1 \(got 0.5\)"):
+        load_config(RLConfig, None, ["algo.clip_ratio_c=0.5"])
+    with pytest.raises(ConfigError, match="clip_ratio_c: dual-clip applies to grpo and dapo .*not gspo"):
+        load_config(RLConfig, None, ["algo.clip_ratio_c=3", "algo.name=gspo"])

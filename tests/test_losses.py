@@ -176,3 +176,46 @@ def test_kl_estimators():
     torch.testing.assert_close(kl_penalty(lp, ref, "k2"), kl_k2(lp, ref))
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_penalty(lp, ref, "k4")
+
+
+# ------------------------------------------------------------------------------------ dual-clip, k3 cap
+
+
+def test_dual_clip_caps_negative_advantage_tokens_at_minus_a_times_c():
+    # A = −1 on ratios 5.0, 1.5, 0.5 with c = 3: the clipped surrogate gives max(5, 1.2) = 5, 1.5 and
+    # max(0.5, 0.8) = 0.8; the dual clip caps the first at −A·c = 3. seq-mean-token-mean: (3 + 1.5 + 0.8) / 3.
+    lp = t([[L(5.0), L(1.5), L(0.5)]]).requires_grad_()
+    old, mask = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3)
+    loss, m = compute_policy_loss("grpo", lp, old, t([-1.0]), mask, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((3 + 1.5 + 0.8) / 3)
+    assert m["clip_frac_dual"] == pytest.approx(1 / 3)
+    loss.backward()
+    # the capped token's loss is a constant: no gradient; the unclipped one has −A·r/3 = 0.5; the clipped one 0
+    torch.testing.assert_close(lp.grad, t([[0.0, 1.5 / 3, 0.0]]))
+    plain, _ = compute_policy_loss("grpo", lp.detach(), old, t([-1.0]), mask)
+    assert plain.item() == pytest.approx((5 + 1.5 + 0.8) / 3)  # off by default
+
+
+def test_dual_clip_leaves_positive_advantages_and_other_losses_alone():
+    lp, old, mask = t([[L(5.0), L(0.5)]]), torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2)
+    for algo in ("grpo", "dapo"):
+        with_c, m = compute_policy_loss(algo, lp, old, t([1.0]), mask, clip_ratio_c=3.0)
+        without, _ = compute_policy_loss(algo, lp, old, t([1.0]), mask)
+        assert with_c.item() == without.item() and m["clip_frac_dual"] == 0
+    with pytest.raises(ValueError, match="dual-clip needs c > 1 and a token-ratio loss"):
+        compute_policy_loss("gspo", lp, old, t([-1.0]), mask, clip_ratio_c=3.0)
+    with pytest.raises(ValueError, match="dual-clip needs c > 1"):
+        compute_policy_loss("grpo", lp, old, t([-1.0]), mask, clip_ratio_c=1.0)
+
+
+def test_one_extreme_token_cannot_blow_up_the_k3_term():
+    # x = ref − logp = 25 (clamped to 20): unclamped k3 would be e^20 − 21 ≈ 4.9e8; it is capped at 10,
+    # and the capped token passes no gradient. The other tokens keep their exact k3 and gradient.
+    lp = t([[-25.0, -1.0, -2.0]]).requires_grad_()
+    ref = t([[0.0, -1.5, -1.0]])
+    kl = kl_k3(lp, ref)
+    torch.testing.assert_close(kl.detach(), t([[10.0, math.exp(-0.5) + 0.5 - 1, math.e - 2]]))
+    aggregate_loss(kl, torch.ones(1, 3), "token-mean").backward()
+    # d k3 / d logp = 1 − e^x  (x = ref − logp), divided by the 3 tokens of the mean
+    torch.testing.assert_close(lp.grad, t([[0.0, (1 - math.exp(-0.5)) / 3, (1 - math.e) / 3]]))
+    assert torch.isfinite(lp.grad).all()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prism.core.errors import ConfigError
 
@@ -167,6 +167,9 @@ class AlgoSettings(Section):
     """ε_hi (null: the algorithm's default: 0.2, 0.28, 4e-4)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] | None = None
     """Loss aggregation (null: the algorithm's default: seq-mean-token-mean, token-mean, seq-mean-token-mean)."""
+    clip_ratio_c: float | None = Field(None, gt=1)
+    """Dual-clip c (grpo, dapo): the loss of a token with A < 0 is capped at −A·c (prism.losses.policy).
+    null (default): off, the plain clipped surrogate of the GRPO and DAPO papers; verl defaults to 3."""
     ppo_epochs: int = Field(1, gt=0)
     """Passes over each rollout batch."""
     mini_batches: int = Field(1, gt=0)
@@ -189,6 +192,12 @@ class AlgoSettings(Section):
     """L_buf of DAPO's overlong shaping; null: max_new_tokens // 4 for dapo, off otherwise; 0: off."""
     overlong_penalty: float = Field(1.0, ge=0)
     """Penalty factor of the overlong shaping."""
+
+    @model_validator(mode="after")
+    def _dual_clip_needs_a_token_ratio(self):
+        if self.clip_ratio_c is not None and self.name == "gspo":
+            raise ValueError("clip_ratio_c: dual-clip applies to grpo and dapo (a per-token ratio), not gspo")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

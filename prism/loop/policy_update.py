@@ -111,7 +111,7 @@ def _micro_loss(model, part: Rollouts, advantages: torch.Tensor, old_all: torch.
     old = log_probs.detach() if old_all is None else old_all[idx, :T].to(device)
     loss, pm = compute_policy_loss(algo.name, log_probs, old, advantages, mask, num_tokens=num_tokens,
                                    num_seqs=num_seqs, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                                   loss_agg=algo.loss_agg)
+                                   loss_agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
     if ref_log_probs is not None and algo.kl_coef > 0:
         kl = kl_penalty(log_probs, ref_log_probs[idx, :T].to(device), algo.kl_estimator)
         agg = algo.loss_agg or ALGORITHMS[algo.name].loss_agg

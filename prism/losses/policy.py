@@ -9,6 +9,14 @@ m = response mask, A = advantage, ε_lo / ε_hi the clip range.
 Each algorithm is one function with the same signature, plus its defaults in `ALGORITHMS`;
 `clip_low`, `clip_high` and `loss_agg` can be overridden per call, and `num_tokens` / `num_seqs`
 pass batch totals to the aggregation under gradient accumulation (see prism.losses.aggregate).
+
+Dual-clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"; verl's
+`clip_ratio_c`), for the token-ratio losses (grpo, dapo) when `clip_ratio_c` = c > 1 is given: the
+loss of a token with A < 0 is capped at −A·c,
+
+    l_t = min(−min(r_t·A, clip(r_t, 1−ε_lo, 1+ε_hi)·A), −A·c)   if A < 0,   unchanged if A ≥ 0,
+
+so a token whose ratio ran far above 1 cannot push the loss (and the update) without bound.
 """
 
 from __future__ import annotations
@@ -86,6 +94,18 @@ def gspo_loss(log_probs, old_log_probs, advantages, response_mask, *, clip_low, 
     return loss, ratio, clipped
 
 
+DUAL_CLIP = ("grpo", "dapo")
+"""The losses with a per-token ratio, to which dual-clip applies (verl's GSPO loss has none either)."""
+
+
+def dual_clip(loss_mat: torch.Tensor, advantages: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N, T] with tokens of A < 0 capped at −A·c (module doc), and where the cap was taken."""
+    adv = advantages.unsqueeze(-1)
+    cap = -adv * c
+    capped = (adv < 0) & (loss_mat > cap)
+    return torch.where(capped, cap.expand_as(loss_mat), loss_mat), capped
+
+
 def compute_policy_loss(
     algo: str,
     log_probs: torch.Tensor,
@@ -98,14 +118,16 @@ def compute_policy_loss(
     loss_agg: str | None = None,
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | None = None,
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy loss of `algo` (grpo | dapo | gspo) with its defaults unless overridden.
 
     log_probs, old_log_probs, response_mask: [N, T]; advantages: [N].
     Returns (scalar loss, metrics): `clip_frac` (tokens where the clipped branch is taken),
     `clip_frac_low` / `clip_frac_high` (of those, r below 1−ε_lo with A < 0 / above 1+ε_hi with A > 0),
-    `approx_kl` (mean of logp_old − logp over tokens: KL(π_old‖π) by the k1 estimator) and
-    `ratio_mean`; all token means over the response mask.
+    `approx_kl` (mean of logp_old − logp over tokens: KL(π_old‖π) by the k1 estimator), `ratio_mean`
+    and, with `clip_ratio_c` (dual-clip, module doc), `clip_frac_dual` (tokens capped at −A·c); all token
+    means over the response mask.
     """
     if algo not in POLICY_LOSSES:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {', '.join(POLICY_LOSSES)}")
@@ -114,6 +136,9 @@ def compute_policy_loss(
                          f"response_mask {tuple(response_mask.shape)} must have the same [N, T] shape")
     if advantages.shape != log_probs.shape[:1]:
         raise ValueError(f"advantages must be [N] = [{log_probs.shape[0]}], got {tuple(advantages.shape)}")
+    if clip_ratio_c is not None and (algo not in DUAL_CLIP or clip_ratio_c <= 1):
+        raise ValueError(f"clip_ratio_c={clip_ratio_c}: dual-clip needs c > 1 and a token-ratio loss "
+                         f"({', '.join(sorted(DUAL_CLIP))}), not {algo}")
     d = ALGORITHMS[algo]
     clip_low = d.clip_low if clip_low is None else clip_low
     clip_high = d.clip_high if clip_high is None else clip_high
@@ -123,6 +148,9 @@ def compute_policy_loss(
 
     loss_mat, ratio, clipped = POLICY_LOSSES[algo](
         log_probs, old_log_probs, advantages, response_mask, clip_low=clip_low, clip_high=clip_high)
+    capped = torch.zeros_like(clipped)
+    if clip_ratio_c is not None:
+        loss_mat, capped = dual_clip(loss_mat, advantages, clip_ratio_c)
     loss = aggregate_loss(loss_mat, response_mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
     with torch.no_grad():
@@ -135,4 +163,6 @@ def compute_policy_loss(
             "approx_kl": masked_mean(old_log_probs - log_probs, m).item(),
             "ratio_mean": masked_mean(ratio, m).item(),
         }
+        if clip_ratio_c is not None:
+            metrics["clip_frac_dual"] = masked_mean(capped.float(), m).item()
     return loss, metrics

@@ -7,7 +7,7 @@ meant to keep behaviour (a refactor, a faster kernel that should be exact) can b
 `run` builds the tiny model and a small synthetic task under WORKDIR, trains a 150-step SFT on the
 drifted pool as the policy the other runs start from (not compared), then runs, 5 steps each:
 SFT (2 accumulated micro-batches), RL with grpo (2 mini-batches, held-out evaluation at the end)
-and dapo (dynamic sampling, overlong shaping), and ALIGN with corrupted and with policy warm-start
+and dapo (dynamic sampling on the total reward, overlong shaping), and ALIGN with corrupted and with policy warm-start
 negatives. The reward adds a length term so that every group has non-zero advantages from an
 untrained policy. `compare` prints the largest difference over all logged values (timings excluded)
 and every value, row or key that differs; it exits 1 on a difference above --tol.
@@ -44,8 +44,9 @@ def _stage_runs(work: Path, model: Path, data: Path, policy: Path) -> dict[str, 
     runs = {"sft": ["prism-sft", f"model.path={model}", f"data.train={data}/public.jsonl", f"train.output_dir={work}/sft",
                     "model.freeze_vision=false", "model.freeze_merger=false", "optim.lr=3e-3", "data.max_length=256",
                     "train.micro_batch_size=4", "train.grad_accum=2", *common]}
+    # dapo filters on the total reward: the untrained policy's accuracy is uniform in most groups
     for algo, extra in (("grpo", [f"data.eval={data}/test.jsonl", "data.eval_limit=6", "eval.max_new_tokens=40",
-                                  "data.task=grids"]), ("dapo", [])):
+                                  "data.task=grids"]), ("dapo", ["algo.filter_metric=reward"])):
         runs[f"rl-{algo}"] = ["prism-rl", "--algo", algo, f"model.path={policy}", f"data.train={data}/rl.jsonl",
                               f"train.output_dir={work}/rl-{algo}", "rollout.group_size=4", "rollout.max_new_tokens=80",
                               "train.prompts_per_step=2", "algo.mini_batches=2", "algo.micro_batch_size=4",

@@ -91,7 +91,7 @@ def test_dynamic_sampling_keeps_processes_in_lockstep(tiny_model_dir, synth_dir,
     out = tmp_path / "rl-dyn"
     args = _overrides(tiny_model_dir, synth_dir, out, **{
         "data.train": f"{synth_dir}/rl.jsonl", "algo.name": "dapo", "algo.max_num_gen_batches": 4,
-        "reward.functions": '{"parity_rewards:parity": 1.0}', "train.max_steps": 3})
+        "reward.functions": '{"parity_rewards:parity": 1.0}', "train.max_steps": 3, "algo.filter_metric": "reward"})
     _run([*LAUNCH, "-m", "prism.rl.train", *args], env={"PYTHONPATH": str(tmp_path)})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -121,7 +121,7 @@ class _Acc:
 def _collector(rounds, batch_size=2, G=2, max_rounds=3):
     cfg = load_config(RLConfig, None, [f"train.prompts_per_step={batch_size}", f"rollout.group_size={G}",
                                        "algo.name=dapo", f"algo.max_num_gen_batches={max_rounds}",
-                                       "algo.overlong_buffer=0"])
+                                       "algo.overlong_buffer=0", "algo.filter_metric=reward"])
     prompts = [Example(messages=[{"role": "user", "content": f"q{i}"}], answer="1") for i in range(8)]
     rewards = RewardModel.__new__(RewardModel)
     rewards.weights, rewards.fns = {"value": 1.0}, {"value": _value_reward}
@@ -245,3 +245,25 @@ def test_policy_update_is_the_same_with_fixed_or_token_budget_micro_batches(tiny
     for k in weights[0]:  # the same update, whichever way the rows were split into forwards
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=0, msg=k)
     assert any(not torch.equal(weights[0][k], initial[k]) for k in initial)  # and there was an update
+
+
+def test_dynamic_sampling_filters_on_accuracy_by_default():
+    # Group 1: rewards differ (format-like part) but every answer is wrong -> uniform accuracy, dropped by
+    # default; group 2: one right answer -> kept. With filter_metric=reward both groups are kept.
+    texts = ["<answer>0</answer>", "x", "<answer>1</answer>", "y"]  # answer "1" is right
+    for metric, kept in (("accuracy", ["<answer>1</answer>", "y"]), ("reward", texts)):
+        cfg = load_config(RLConfig, None, ["train.prompts_per_step=2", "rollout.group_size=2", "algo.name=dapo",
+                                           "algo.max_num_gen_batches=1", "algo.overlong_buffer=0",
+                                           f"algo.filter_metric={metric}"])
+        prompts = [Example(messages=[{"role": "user", "content": f"q{i}"}], answer="1") for i in range(2)]
+        # the reward (response length) differs inside both groups
+        collector = rl.BatchCollector(cfg, _Acc(), _FakeBackend([texts], 2), prompts, _LengthReward())
+        rollouts, rewards, metrics = collector.collect(step=1)
+        assert rollouts.texts == kept, metric
+        assert metrics["rollout/dropped_groups"] == (1 if metric == "accuracy" else 0)
+
+
+class _LengthReward:
+    def __call__(self, responses, examples):
+        values = torch.tensor([float(len(r)) for r in responses])
+        return values, {"length": values}

@@ -186,6 +186,10 @@ class AlgoSettings(Section):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and sample more (DAPO); null: on for dapo only."""
+    filter_metric: Literal["accuracy", "reward"] = "accuracy"
+    """What dynamic sampling finds uniform in a group to drop it: its accuracy (default, as DAPO and the
+    PRISM reference: a group all right or all wrong teaches nothing about correctness) or its total reward
+    (format and overlong shaping included, which keeps groups that differ only in format)."""
     max_num_gen_batches: int = Field(4, gt=0)
     """Generation rounds per step under dynamic sampling before giving up."""
     overlong_buffer: int | None = Field(None, ge=0)

@@ -6,8 +6,9 @@
 
 One step, top to bottom: take the next `train.prompts_per_step` prompts per process → sample
 `rollout.group_size` responses each (the rollout engine) → rewards (0.8·accuracy + 0.2·format by
-default; DAPO adds overlong shaping) → under dynamic sampling, drop groups whose rewards are all
-equal and sample more prompts until the batch is full → group-relative advantages → the clipped
+default; DAPO adds overlong shaping) → under dynamic sampling, drop groups that are uniform in
+`algo.filter_metric` (their accuracy, by default, or their total reward) and sample more prompts
+until the batch is full → group-relative advantages → the clipped
 policy update (`prism.loop.policy_update`, the same one ALIGN uses; KL to a reference only when
 `algo.kl_coef > 0`) → log, evaluate, checkpoint.
 
@@ -124,7 +125,7 @@ class BatchCollector:
                          "truncated": torch.tensor([f == "length" for f in rollouts.finish_reasons]).float()}.items():
                 seen.setdefault(k, []).append(v)
             if dynamic:
-                keep = ~all_equal_groups(rewards, G)
+                keep = ~all_equal_groups(parts["accuracy"] if cfg.algo.filter_metric == "accuracy" else rewards, G)
                 dropped += int((~keep).sum())
                 rows = torch.nonzero(keep.repeat_interleave(G)).squeeze(-1)
                 rollouts, rewards = rollouts.select(rows), rewards[rows]
@@ -139,8 +140,8 @@ class BatchCollector:
         if have == 0:
             raise RunError(
                 f"step {step}: dynamic sampling dropped every group in {rounds} generation rounds "
-                f"(algo.max_num_gen_batches={cfg.algo.max_num_gen_batches}): all {G} rewards of each prompt were "
-                "equal — the problems are all solved or all failed by this policy. Filter the data to a "
+                f"(algo.max_num_gen_batches={cfg.algo.max_num_gen_batches}): all {G} {cfg.algo.filter_metric} values of "
+                "each prompt were equal — the problems are all solved or all failed by this policy. Filter the data to a "
                 "difficulty band (prism-rl filter), raise algo.max_num_gen_batches, or set algo.dynamic_sampling=false")
         rollouts, rewards = Rollouts.concat(kept), torch.cat(kept_rewards)
         take = min(have, want) * G

@@ -165,6 +165,30 @@ def test_save_and_reload_give_the_same_scores(disc, examples, tmp_path):
         MoEDiscriminator.from_pretrained(tmp_path / "d")
 
 
+def test_reasoning_span_think_answer_scores_the_answer_too(tiny_model_dir, examples):
+    from prism.core.response import parse_response
+
+    same_think = ["<caption>c</caption><think>count the cells</think><answer>3</answer>",
+                  "<caption>c</caption><think>count the cells</think><answer>4</answer>"]
+    parsed = [parse_response(r) for r in same_think]
+    think = MoEDiscriminator.from_pretrained(tiny_model_dir)
+    both = MoEDiscriminator.from_pretrained(tiny_model_dir, reasoning_span="think_answer")
+    assert think.segment(parsed[0], "reasoning") == "<think>count the cells</think>"
+    assert both.segment(parsed[0], "reasoning") == "<think>count the cells</think><answer>3</answer>"
+    assert both.segment(parsed[0], "perception") == "<caption>c</caption>"  # the perception expert is unchanged
+    assert both.segment(parse_response("no tags"), "reasoning") == "<think></think><answer></answer>"
+    with torch.no_grad():
+        for d in (think, both):
+            d.heads["reasoning"].bias.zero_()
+            d.heads["reasoning"].weight.normal_(std=0.5)  # scores well inside the ±10 clip
+    prompts = [examples[0], examples[0]]
+    a = think.score(prompts, same_think)["reasoning"]
+    b = both.score(prompts, same_think)["reasoning"]
+    assert b.abs().max() < 10
+    torch.testing.assert_close(a[0], a[1])  # the think sections are the same
+    assert (b[0] - b[1]).abs() > 1e-3  # only think_answer sees that the answers differ
+
+
 def test_dense_ablation_scores_both_components_with_one_scorer(tiny_model_dir, examples):
     d = MoEDiscriminator.from_pretrained(tiny_model_dir, dense=True)
     same = ["row 1: red"] * len(examples)
@@ -352,3 +376,14 @@ def test_discriminator_gradient_checkpointing_changes_no_score_and_no_gradient(t
     assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 10
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_reasoning_span_is_a_config_switch_saved_with_the_discriminator(tiny_model_dir, tmp_path):
+    cfg = load_config(AlignConfig, None, ["discriminator.reasoning_span=think_answer"])
+    assert cfg.discriminator.architecture().reasoning_span == "think_answer"
+    assert load_config(AlignConfig).discriminator.reasoning_span == "think"  # default
+    with pytest.raises(ConfigError, match="discriminator.reasoning_span"):
+        load_config(AlignConfig, None, ["discriminator.reasoning_span=answer"])
+    d = game.build_discriminator(cfg, tiny_model_dir)
+    d.save_pretrained(tmp_path / "d")
+    assert MoEDiscriminator.from_pretrained(tmp_path / "d").config.reasoning_span == "think_answer"

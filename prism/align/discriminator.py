@@ -41,7 +41,7 @@ from prism.core.batching import text_position_ids
 from prism.core.config import Section, one_line_error
 from prism.core.errors import ConfigError
 from prism.core.example import IMAGE_PLACEHOLDER, Example
-from prism.core.response import parse_response
+from prism.core.response import ParsedResponse, parse_response
 from prism.data.collate import _images, render
 from prism.models.loader import check_model_dir, resolve_dtype
 from prism.models.processor import load_processor
@@ -73,6 +73,10 @@ class DiscriminatorConfig(Section):
     """Weight of the router's load-balancing loss (upcycled)."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's layer activations in the backward pass (long responses, big backbones)."""
+    reasoning_span: Literal["think", "think_answer"] = "think"
+    """What the reasoning expert scores: the <think> section (default: the expert judges the reasoning,
+    the answer is judged by the verifier in RL), or <think> followed by <answer> as the reference
+    implementation does."""
 
     @property
     def scorers(self) -> tuple[str, ...]:
@@ -242,14 +246,34 @@ class MoEDiscriminator(nn.Module):
     def device(self) -> torch.device:
         return next(self.heads.parameters()).device
 
+    def segment(self, parsed: ParsedResponse, component: str) -> str:
+        """What the expert of `component` scores of a response, tags included: `<caption>c</caption>`, or
+        `<think>t</think>` (`reasoning_span=think_answer`: followed by `<answer>a</answer>`). A missing
+        section is scored as empty."""
+        tag = SECTION_OF[component]
+        text = f"<{tag}>{getattr(parsed, tag) or ''}</{tag}>"
+        if component == "reasoning" and self.config.reasoning_span == "think_answer":
+            text += f"<answer>{parsed.answer or ''}</answer>"
+        return text
+
     def encode(self, examples: Sequence[Example], segments: Sequence[str], component: str,
                padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Tensors for one component: [prompt (+ image) ; <section>segment</section>] per row."""
+        """Tensors for one component: [prompt (+ image) ; <section>segment</section>] per row, from the
+        section's text alone (`encode_parsed` scores parsed responses as `segment` says)."""
         tag = SECTION_OF[component]
+        return self._encode_texts(examples, [f"<{tag}>{seg}</{tag}>" for seg in segments], padding_side)
+
+    def encode_parsed(self, examples: Sequence[Example], parsed: Sequence[ParsedResponse], component: str,
+                      padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Tensors for one component: [prompt (+ image) ; `segment(response, component)`] per row."""
+        return self._encode_texts(examples, [self.segment(p, component) for p in parsed], padding_side)
+
+    def _encode_texts(self, examples: Sequence[Example], tagged: Sequence[str],
+                      padding_side: str) -> dict[str, torch.Tensor]:
         texts, prompt_examples = [], []
-        for ex, seg in zip(examples, segments):
+        for ex, seg in zip(examples, tagged):
             messages = _strip_images(ex.prompt_messages) if self.config.text_only else ex.prompt_messages
-            texts.append(render(self.processor, messages, add_generation_prompt=True) + f"<{tag}>{seg}</{tag}>")
+            texts.append(render(self.processor, messages, add_generation_prompt=True) + seg)
             prompt_examples.append(ex)
         images = [] if self.config.text_only else _images(prompt_examples, prompt_only=True)
         tok = self.processor.tokenizer
@@ -306,10 +330,10 @@ class MoEDiscriminator(nn.Module):
         self.eval()
         try:
             for comp in COMPONENTS:
-                segs = [getattr(p, SECTION_OF[comp]) or "" for p in parsed]
                 chunks = []
                 for i in range(0, len(examples), batch_size):
-                    inputs = self.encode(examples[i: i + batch_size], segs[i: i + batch_size], comp, padding_side)
+                    inputs = self.encode_parsed(examples[i: i + batch_size], parsed[i: i + batch_size], comp,
+                                                padding_side)
                     chunks.append(self(inputs, comp).scores.cpu())
                 out[comp] = torch.cat(chunks) if chunks else torch.zeros(0)
         finally:

@@ -11,7 +11,7 @@ import torch
 
 from prism.align.config import AlignConfig
 from prism.align.discriminator import MoEDiscriminator
-from prism.align.losses import COMPONENTS, SECTION_OF, discriminator_loss
+from prism.align.losses import COMPONENTS, discriminator_loss
 from prism.core.errors import ConfigError
 from prism.core.example import Example
 from prism.core.response import parse_response
@@ -77,9 +77,8 @@ def _scores(disc: MoEDiscriminator, batch: list[Example], refs, parsed, G: int, 
     expanded = [ex for ex in batch for _ in range(G)]
     teacher, policy, aux = {}, {}, 0.0
     for comp in COMPONENTS:
-        sec = SECTION_OF[comp]
-        t_out = disc(disc.encode(batch, [getattr(r, sec) for r in refs], comp), comp)
-        p_out = disc(disc.encode(expanded, [getattr(p, sec) or "" for p in parsed], comp), comp)
+        t_out = disc(disc.encode_parsed(batch, refs, comp), comp)
+        p_out = disc(disc.encode_parsed(expanded, parsed, comp), comp)
         teacher[comp], policy[comp] = t_out.scores.repeat_interleave(G), p_out.scores
         for o in (t_out, p_out):
             if o.aux_loss is not None:
@@ -109,7 +108,7 @@ def discriminator_update(disc: MoEDiscriminator, update: ModelUpdate, cfg: Align
         refs = [parse_response(ex.response) for ex in batch]
         teacher, policy, aux = _scores(disc, batch, refs, parsed, G, cfg.discriminator.aux_loss_coef)
         v = valid[rows].to(disc.device)
-        distinct = {comp: torch.tensor([getattr(p, SECTION_OF[comp]) != getattr(r, SECTION_OF[comp])
+        distinct = {comp: torch.tensor([disc.segment(p, comp) != disc.segment(r, comp)
                                         for p, r in zip(parsed, (r for r in refs for _ in range(G)))])
                     for comp in COMPONENTS}
         loss, m = discriminator_loss(teacher, policy, v, cfg.discriminator.reg, distinct)

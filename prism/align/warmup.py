@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from prism.align.config import AlignConfig
 from prism.align.discriminator import MoEDiscriminator
-from prism.align.losses import COMPONENTS, SECTION_OF, discriminator_loss
+from prism.align.losses import COMPONENTS, discriminator_loss
 from prism.core.example import Example
 from prism.core.response import parse_response
 from prism.core.rollouts import SamplingParams
@@ -79,9 +79,8 @@ def pair_loss(disc: MoEDiscriminator, examples: Sequence[Example], teacher: Sequ
     t_parsed, n_parsed = [parse_response(r) for r in teacher], [parse_response(r) for r in negative]
     teacher_scores, neg_scores, aux = {}, {}, 0.0
     for comp in COMPONENTS:
-        sec = SECTION_OF[comp]
-        t_out = disc(disc.encode(examples, [getattr(p, sec) or "" for p in t_parsed], comp), comp)
-        n_out = disc(disc.encode(examples, [getattr(p, sec) or "" for p in n_parsed], comp), comp)
+        t_out = disc(disc.encode_parsed(examples, t_parsed, comp), comp)
+        n_out = disc(disc.encode_parsed(examples, n_parsed, comp), comp)
         teacher_scores[comp], neg_scores[comp] = t_out.scores, n_out.scores
         for o in (t_out, n_out):
             if o.aux_loss is not None:
@@ -101,8 +100,7 @@ def pairwise_accuracy(disc: MoEDiscriminator, examples: Sequence[Example], teach
     n = disc.score(examples, negative, batch_size)
     out = {}
     for comp in COMPONENTS:
-        sec = SECTION_OF[comp]
-        differ = torch.tensor([getattr(parse_response(a), sec) != getattr(parse_response(b), sec)
+        differ = torch.tensor([disc.segment(parse_response(a), comp) != disc.segment(parse_response(b), comp)
                                for a, b in zip(teacher, negative)])
         out[comp] = float((t[comp] > n[comp])[differ].float().mean()) if differ.any() else float("nan")
         out[f"{comp}_pairs"] = float(differ.sum())

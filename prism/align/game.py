@@ -122,7 +122,7 @@ def discriminator_update(disc: MoEDiscriminator, update: ModelUpdate, cfg: Align
                     sums[k] = sums.get(k, 0.0) + val * key_weight
                     weights[k] = weights.get(k, 0.0) + key_weight
         if torch.is_tensor(aux):
-            sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux) * len(batch)
+            sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach()) * len(batch)
     if n_valid > 0:  # the same decision on every process (n_valid is global)
         update.step(step, out_dir)
     else:

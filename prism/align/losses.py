@@ -82,7 +82,8 @@ def alignment_advantages(
     valid = valid.bool().view(-1, group_size)
 
     def fill_invalid(s: torch.Tensor) -> torch.Tensor:
-        s = s.view(-1, group_size).float()
+        s = s.view(-1, group_size)
+        s = s if s.is_floating_point() else s.float()  # float64 stays float64
         group_min = torch.where(valid, s, torch.full_like(s, float("inf"))).min(dim=1, keepdim=True).values
         floor = torch.where(torch.isinf(group_min), torch.zeros_like(group_min), group_min) - 1.0
         return torch.where(valid, s, floor.expand_as(s)).reshape(-1)

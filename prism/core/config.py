@@ -185,7 +185,7 @@ class AlgoSettings(Section):
     """β of a KL(π‖π_ref) term in the loss; 0 (default) loads no reference model."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     dynamic_sampling: bool | None = None
-    """Drop groups whose rewards are all equal and sample more (DAPO); null: on for dapo only."""
+    """Drop groups that are uniform in `filter_metric` and sample more (DAPO); null: on for dapo only."""
     filter_metric: Literal["accuracy", "reward"] = "accuracy"
     """What dynamic sampling finds uniform in a group to drop it: its accuracy (default, as DAPO and the
     PRISM reference: a group all right or all wrong teaches nothing about correctness) or its total reward

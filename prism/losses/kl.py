@@ -7,7 +7,7 @@ Divergence", 2020). With samples y ~ π and log-ratio x = log π_ref(y) − log 
 
 k3 grows like eˣ: one token whose reference log-prob is far above the policy's (x = 20 gives 5e8)
 would dominate the loss and its gradient. As in verl's `low_var_kl`, the estimate is capped at
-`K3_MAX` = 10 (x ≈ 2.6), where that token's gradient is 0.
+`K3_MAX` = 10 (reached at x ≈ 2.6, or x ≈ −11), where that token's gradient is 0.
 
 All take log_probs and ref_log_probs of shape [N, T] and return [N, T]; aggregate with
 `prism.losses.aggregate.aggregate_loss` under the response mask.

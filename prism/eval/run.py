@@ -30,7 +30,7 @@ from prism.eval.drift import drift_metrics
 from prism.eval.metrics import score_responses
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
-from prism.rollout.engine import SamplingParams, sample
+from prism.rollout import SamplingParams, sample
 
 log = logging.getLogger("prism.eval")
 

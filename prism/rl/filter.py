@@ -23,7 +23,7 @@ from prism.data.formats import load_examples, save_sharegpt_jsonl
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.rewards import accuracy_reward
-from prism.rollout.engine import SamplingParams, sample
+from prism.rollout import SamplingParams, sample
 
 log = logging.getLogger("prism.rl.filter")
 

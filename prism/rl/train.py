@@ -70,9 +70,9 @@ def check_config(cfg: RLConfig) -> None:
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
 
 
-def load_prompts(path: str, cfg: RLConfig, limit: int | None = None) -> list[Example]:
+def load_prompts(path: str, cfg: RLConfig) -> list[Example]:
     """RL problems: every example needs a ground-truth answer (its assistant turn, if any, is ignored)."""
-    return load_examples(path, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad, limit=limit)
+    return load_examples(path, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad)
 
 
 class BatchCollector:

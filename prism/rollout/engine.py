@@ -106,7 +106,8 @@ class HFBackend:
             model._get_fsdp_state()._lazy_init()
             model.unshard()
         try:
-            parts = [self._chunk(expanded[i: i + self.chunk_size], params, sharded)
+            eos, suppress = self._eos_ids(), self._vision_ids()
+            parts = [self._chunk(expanded[i: i + self.chunk_size], params, eos, suppress, sharded)
                      for i in range(0, len(expanded), self.chunk_size)]
         finally:
             model.train(was_training)
@@ -114,11 +115,12 @@ class HFBackend:
                 model.reshard()
         return Rollouts.concat(parts)
 
-    def _chunk(self, chunk: list[Example], params: SamplingParams, sharded: bool) -> Rollouts:
-        """One `generate` call over `chunk` (each example once: `rollout` repeated them n times)."""
+    def _chunk(self, chunk: list[Example], params: SamplingParams, eos: list[int], suppress: list[int],
+               sharded: bool) -> Rollouts:
+        """One `generate` call over `chunk` (`rollout` repeated each example n times), stopping at the `eos`
+        ids and never sampling the `suppress` ids."""
         tok, model = self.processor.tokenizer, self.model
         device = next(model.parameters()).device
-        eos, suppress = self._eos_ids(), self._vision_ids()
         greedy = params.temperature <= 0
         prompt = encode_prompts(self.processor, chunk)
         recorder = _LogProbRecorder(params.temperature)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prism.core.errors import ConfigError, DataError
 from prism.core.example import Example
 from prism.eval.drift import length_distance, mmd2, token_divergence
 from prism.eval.metrics import score_responses
@@ -119,3 +120,68 @@ def test_prism_eval_end_to_end_and_bad_input(tiny_model_dir, tmp_path):
         (bare / f).write_bytes((tiny_model_dir / f).read_bytes())
     proc = _cli("--model", str(bare), "--data", str(tmp_path / "d/test.jsonl"))
     assert proc.returncode == 2 and "has no usable processor" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--limit", "0", "--limit: must be a positive integer, got 0"),
+    ("--samples", "-1", "--samples: must be a non-negative integer, got -1"),
+    ("--temperature", "-1", "--temperature: must be a non-negative number, got -1.0"),
+    ("--max-new-tokens", "0", "--max-new-tokens: must be a positive integer, got 0"),
+    ("--chunk-size", "0", "--chunk-size: must be a positive integer, got 0"),
+])
+def test_prism_eval_refuses_flags_that_cannot_work(tmp_path, flag, value, says):
+    from prism.eval.run import main
+
+    with pytest.raises(ConfigError) as info:  # before anything is loaded: neither path exists
+        main(["--model", str(tmp_path / "absent"), "--data", str(tmp_path / "absent.jsonl"), flag, value])
+    assert str(info.value) == says
+
+
+def test_prism_eval_bad_flag_is_one_error_line_and_exit_2(tmp_path):
+    proc = _cli("--model", str(tmp_path / "absent"), "--data", str(tmp_path / "absent.jsonl"), "--limit", "0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --limit: must be a positive integer, got 0"] == proc.stderr.strip().splitlines()[-1:]
+
+
+def _corrupt_copy(tiny_model_dir, tmp_path, fault: str) -> Path:
+    import shutil
+
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    if fault == "config":
+        (d / "config.json").write_text('{"model_type": ')
+    elif fault == "tokenizer":
+        (d / "tokenizer.json").unlink()
+        (d / "tokenizer_config.json").unlink()
+    elif fault == "weights":
+        with open(d / "model.safetensors", "r+b") as f:
+            f.truncate((d / "model.safetensors").stat().st_size // 2)
+    return d
+
+
+@pytest.mark.parametrize("fault, names", [("config", "config.json is not valid JSON"),
+                                          ("tokenizer", "has no usable processor"),
+                                          ("weights", "model.safetensors is truncated or corrupt")])
+def test_prism_eval_names_model_and_file_of_a_broken_model_dir(tiny_model_dir, tmp_path, fault, names):
+    from prism.eval.run import main
+
+    d = _corrupt_copy(tiny_model_dir, tmp_path, fault)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    with pytest.raises(DataError) as info:
+        main(["--model", str(d), "--data", str(data)])
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"--model: {d}") and names in msg, msg
+
+
+def test_prism_eval_cli_broken_model_dir_is_one_error_line_and_exit_2(tiny_model_dir, tmp_path):
+    d = _corrupt_copy(tiny_model_dir, tmp_path, "weights")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    proc = _cli("--model", str(d), "--data", str(data))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == proc.stderr.strip().splitlines()[-1:], proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: --model: {d / 'model.safetensors'} is truncated or corrupt ("), errors

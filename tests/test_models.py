@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,13 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from prism.core.config import LoraSettings, ModelSettings
-from prism.models.loader import check_model_dir, load_model, resolve_dtype
+from prism.core.errors import DataError
+from prism.models.loader import (
+    check_model_dir,
+    check_weights,
+    load_model,
+    resolve_dtype,
+)
 from prism.models.processor import load_processor
 from prism.models.tiny import FORMAT_TAGS
 
@@ -226,6 +234,192 @@ def test_model_dir_without_safetensors_names_the_key(tiny_model_dir, tmp_path):
     assert "safetensors" in str(info.value)
     with pytest.raises(FileNotFoundError, match="ref.path"):
         check_model_dir(tmp_path, key="ref.path")
+
+
+# ---------------------------------------------------------------------------------- faults: one line each
+
+
+def _copy(tiny_model_dir, tmp_path):
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def _one_line(info, *names) -> str:
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for name in names:
+        assert str(name) in msg, (name, msg)
+    return msg
+
+
+def _header(file):
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw, n, json.loads(raw[8: 8 + n])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_corrupt_config_json_is_one_line_naming_the_key_and_file(tiny_model_dir, tmp_path, content):
+    d = _copy(tiny_model_dir, tmp_path)
+    (d / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        load_model(ModelSettings(path=str(d)), trainable=False)
+    _one_line(info, "model.path", d / "config.json")
+    with pytest.raises(DataError) as info:
+        check_model_dir(d, key="--model")
+    _one_line(info, "--model", d / "config.json")
+    with pytest.raises(DataError) as info:  # the stages load the processor first: the same line
+        load_processor(d)
+    _one_line(info, "model.path", d / "config.json")
+
+
+VOCAB = "tokenizer.json or vocab.json + merges.txt"
+
+
+@pytest.mark.parametrize("removed, says", [
+    (("tokenizer.json", "tokenizer_config.json"), f"missing {VOCAB}; tokenizer_config.json"),
+    (("tokenizer.json",), f"missing {VOCAB}"),
+    (("tokenizer_config.json",), "missing tokenizer_config.json"),
+    (("processor_config.json",), "missing preprocessor_config.json (or an image_processor entry in processor_config"),
+])
+def test_missing_processor_files_are_one_line_naming_the_key_and_what(tiny_model_dir, tmp_path, removed, says):
+    d = _copy(tiny_model_dir, tmp_path)
+    for name in removed:
+        (d / name).unlink()
+    for key in ("model.path", "--model"):
+        with pytest.raises(DataError) as info:
+            load_processor(d, key=key)
+        _one_line(info, f"{key}: {d} has no usable processor", says)
+
+
+def test_corrupt_processor_json_names_the_file(tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir, tmp_path)
+    (d / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(DataError) as info:
+        load_processor(d, key="--model")
+    _one_line(info, "--model", d / "tokenizer_config.json", "not valid JSON")
+
+
+def test_load_processor_missing_dir_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_processor(tmp_path / "absent", key="--model")
+    _one_line(info, "--model", tmp_path / "absent")
+
+
+def _truncate(f):
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def _garbage_header(f):
+    raw = f.read_bytes()
+    f.write_bytes(raw[:8] + b"#" * 32 + raw[40:])
+
+
+def _huge_header_length(f):
+    raw = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 2 ** 62) + raw[8:])
+
+
+def _cut_in_header(f):
+    raw = f.read_bytes()
+    f.write_bytes(raw[:20])
+
+
+def _offsets_not_numbers(f):
+    raw, n, header = _header(f)
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = ["a", "b"]
+    body = json.dumps(header, separators=(",", ":")).encode()
+    f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _garbage_header, _huge_header_length, _cut_in_header,
+                                     _offsets_not_numbers])
+def test_truncated_or_corrupt_weights_are_one_line_naming_the_key_and_file(tiny_model_dir, tmp_path, corrupt):
+    d = _copy(tiny_model_dir, tmp_path)
+    weights = d / "model.safetensors"
+    corrupt(weights)
+    for path in (d, weights):
+        with pytest.raises(DataError) as info:
+            check_weights(path, key="ckpt")
+        assert str(info.value).startswith(f"ckpt: {weights} is truncated or corrupt (")
+        _one_line(info)
+    with pytest.raises(DataError) as info:
+        load_model(ModelSettings(path=str(d)), trainable=False)
+    _one_line(info, "model.path", weights, "is truncated or corrupt")
+
+
+def test_check_weights_passes_whole_files_and_reads_headers_only(tiny_model_dir, monkeypatch):
+    import safetensors.torch
+
+    def no_tensor_reads(*args, **kwargs):
+        raise AssertionError("check_weights read tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_tensor_reads)
+    monkeypatch.setattr(safetensors, "safe_open", no_tensor_reads)
+    check_weights(tiny_model_dir)
+    check_weights(tiny_model_dir / "model.safetensors", key="--model")
+
+
+def test_a_shard_missing_from_the_index_is_named(tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir, tmp_path)
+    index = d / "model.safetensors.index.json"
+    shards = {"a.weight": "model.safetensors", "b.weight": "model-00002.safetensors"}
+    index.write_text(json.dumps({"weight_map": shards}))
+    with pytest.raises(DataError) as info:
+        check_model_dir(d)
+    _one_line(info, "model.path", index, "model-00002.safetensors")
+
+
+def test_a_load_failure_the_headers_cannot_show_is_one_line(tiny_model_dir, tmp_path):
+    # header and size are whole, but one tensor's shape does not fit its bytes: safetensors refuses it on load
+    d = _copy(tiny_model_dir, tmp_path)
+    weights = d / "model.safetensors"
+    raw, n, header = _header(weights)
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [header[name]["shape"][0] + 1, *header[name]["shape"][1:]]
+    body = json.dumps(header, separators=(",", ":")).encode()
+    weights.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    check_weights(d)  # not its business
+    with pytest.raises(DataError) as info:
+        load_model(ModelSettings(path=str(d)), trainable=False, key="--model")
+    _one_line(info, f"--model: cannot load the model in {d}")
+
+
+def test_discriminator_faults_name_discriminator_path(tiny_model_dir, tmp_path):
+    from prism.align.discriminator import MoEDiscriminator
+
+    d = _copy(tiny_model_dir, tmp_path)
+    (d / "config.json").write_text("{")
+    with pytest.raises(DataError) as info:
+        MoEDiscriminator.from_pretrained(d)
+    _one_line(info, "discriminator.path", d / "config.json")
+    shutil.copy(tiny_model_dir / "config.json", d / "config.json")
+    _truncate(d / "model.safetensors")
+    with pytest.raises(DataError) as info:
+        MoEDiscriminator.from_pretrained(d)
+    _one_line(info, "discriminator.path", d / "model.safetensors", "is truncated or corrupt")
+    shutil.copy(tiny_model_dir / "model.safetensors", d / "model.safetensors")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(DataError) as info:
+        MoEDiscriminator.from_pretrained(d)
+    _one_line(info, f"discriminator.path: {d}", "has no usable processor", "tokenizer.json")
+
+
+def test_saved_discriminator_with_corrupt_files_names_discriminator_path(tiny_model_dir, tmp_path):
+    from prism.align.discriminator import CONFIG_FILE, HEADS_FILE, MoEDiscriminator
+
+    saved = MoEDiscriminator.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "disc")
+    config = (saved / CONFIG_FILE).read_text()
+    (saved / CONFIG_FILE).write_text(config[:10])
+    with pytest.raises(DataError) as info:
+        MoEDiscriminator.from_pretrained(saved)
+    _one_line(info, "discriminator.path", saved / CONFIG_FILE)
+    (saved / CONFIG_FILE).write_text(config)
+    _truncate(saved / HEADS_FILE)
+    with pytest.raises(DataError) as info:
+        MoEDiscriminator.from_pretrained(saved)
+    _one_line(info, "discriminator.path", saved / HEADS_FILE, "is truncated or corrupt")
 
 
 def test_resolve_dtype():

@@ -32,6 +32,7 @@ from typing import Literal, Sequence
 
 import torch
 from pydantic import Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText
@@ -39,11 +40,17 @@ from transformers import AutoModelForImageTextToText
 from prism.align.losses import COMPONENTS, SECTION_OF
 from prism.core.batching import text_position_ids
 from prism.core.config import Section, one_line_error
-from prism.core.errors import ConfigError
+from prism.core.errors import ConfigError, DataError
 from prism.core.example import IMAGE_PLACEHOLDER, Example
 from prism.core.response import ParsedResponse, parse_response
 from prism.data.collate import _images, render
-from prism.models.loader import check_model_dir, resolve_dtype
+from prism.models.loader import (
+    check_model_dir,
+    check_weights,
+    first_line,
+    read_json_object,
+    resolve_dtype,
+)
 from prism.models.processor import load_processor
 
 CONFIG_FILE = "discriminator.json"
@@ -130,37 +137,43 @@ class MoEDiscriminator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa",
-                        **overrides) -> "MoEDiscriminator":
+                        key: str = "discriminator.path", **overrides) -> "MoEDiscriminator":
         """A saved discriminator (a directory with discriminator.json), or fresh experts on any
-        local Qwen-VL directory the loader accepts (`overrides` are DiscriminatorConfig fields)."""
+        local Qwen-VL directory the loader accepts (`overrides` are DiscriminatorConfig fields).
+        A fault in the directory's files is one line naming `key` and the file."""
         path = Path(path)
-        load = dict(dtype=dtype, attn_implementation=attn_implementation)
+        load = dict(dtype=dtype, attn_implementation=attn_implementation, key=key)
         if (path / CONFIG_FILE).is_file():
-            saved = json.loads((path / CONFIG_FILE).read_text())
-            for key in ("experts", "dense"):  # the layout of the saved experts cannot change on load
-                if key in overrides and overrides[key] != saved[key]:
-                    raise ConfigError(f"discriminator.{key}: {path} was saved with {key}={saved[key]!r}, "
-                                      f"cannot load it as {key}={overrides[key]!r}")
-            for key in LOAD_OPTIONS:  # files written before the config was unified also held these
-                saved.pop(key, None)
+            saved = read_json_object(path / CONFIG_FILE, key)
+            for name in ("experts", "dense"):  # the layout of the saved experts cannot change on load
+                if name in overrides and name in saved and overrides[name] != saved[name]:
+                    raise ConfigError(f"discriminator.{name}: {path} was saved with {name}={saved[name]!r}, "
+                                      f"cannot load it as {name}={overrides[name]!r}")
+            for name in LOAD_OPTIONS:  # files written before the config was unified also held these
+                saved.pop(name, None)
             config = _config({**saved, **overrides}, origin=str(path / CONFIG_FILE))
+            for f in [path / HEADS_FILE, *sorted((path / "adapters").rglob("*.safetensors"))]:
+                check_weights(f, key)
             disc = cls._build(path / "backbone", path, config, adapters=path / "adapters", **load)
-            disc.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+            try:
+                disc.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+            except (SafetensorError, RuntimeError) as e:  # RuntimeError: heads of another shape or names
+                raise DataError(f"{key}: cannot load {path / HEADS_FILE} ({first_line(e)})") from None
             return disc
         return cls._build(path, path, _config(overrides), **load)
 
     @classmethod
     def _build(cls, backbone_dir: Path, processor_dir: Path, config: DiscriminatorConfig,
-               adapters: Path | None = None, dtype: str = "auto", attn_implementation: str = "sdpa") -> "MoEDiscriminator":
-        check_model_dir(backbone_dir, key="discriminator.path")
+               adapters: Path | None = None, dtype: str = "auto", attn_implementation: str = "sdpa",
+               key: str = "discriminator.path") -> "MoEDiscriminator":
+        check_model_dir(backbone_dir, key=key)  # config.json and the weights' headers
+        processor = load_processor(processor_dir, key=key)  # the discriminator tokenizes with its own processor
         try:
-            processor = load_processor(processor_dir)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"discriminator.path: {processor_dir} has no usable processor ({e}); the "
-                              "discriminator tokenizes with its own processor") from None
-        base = AutoModelForImageTextToText.from_pretrained(
-            backbone_dir, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
-            use_safetensors=True)
+            base = AutoModelForImageTextToText.from_pretrained(
+                backbone_dir, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                use_safetensors=True)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise DataError(f"{key}: cannot load the backbone in {backbone_dir} ({first_line(e)})") from None
         model_type = base.config.model_type
         if config.experts == "upcycled" and "moe" not in model_type:
             raise ConfigError(f"discriminator.experts=upcycled needs a MoE backbone, {backbone_dir} is {model_type}; "
@@ -301,7 +314,9 @@ class MoEDiscriminator(nn.Module):
         scores = self.heads[scorer](h).squeeze(-1).float().clamp(-self.config.score_clip, self.config.score_clip)
         aux = None
         if upcycled and getattr(out, "router_logits", None):
-            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
+                load_balancing_loss_func,
+            )
 
             text = self._base().config.text_config
             aux = load_balancing_loss_func(out.router_logits, text.num_experts, text.num_experts_per_tok,

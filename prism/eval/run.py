@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from prism.core.config import ModelSettings
-from prism.core.errors import DataError
+from prism.core.errors import ConfigError
 from prism.core.example import Example
 from prism.core.response import is_format_valid
 from prism.core.task import Task, load_task
@@ -78,6 +78,18 @@ def print_table(result: dict, title: str) -> None:
         print(f"note: {result['note']}")
 
 
+def check_flags(a: argparse.Namespace) -> None:
+    """ConfigError naming the first flag whose value cannot work."""
+    checks = [("--samples", a.samples, a.samples >= 0, "a non-negative integer"),
+              ("--temperature", a.temperature, a.temperature >= 0, "a non-negative number"),
+              ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens > 0, "a positive integer"),
+              ("--chunk-size", a.chunk_size, a.chunk_size > 0, "a positive integer"),
+              ("--limit", a.limit, a.limit is None or a.limit > 0, "a positive integer")]
+    for flag, value, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"{flag}: must be {what}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="prism-eval", description="Accuracy, perception/reasoning errors and drift.")
     p.add_argument("--model", required=True, help="model directory (with its processor)")
@@ -96,15 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "module.path:attribute")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    check_flags(a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(a.seed)
     task = load_task(a.task, key="--task")
     model_dir = Path(a.model)
-    try:
-        processor = load_processor(model_dir)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--model: {model_dir} has no usable processor (tokenizer / image processor): "
-                        f"{str(e).splitlines()[0]}") from None
+    processor = load_processor(model_dir, key="--model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelSettings(path=str(model_dir)), trainable=False, device=device, key="--model").to(device)
     examples = load_examples(a.data, limit=a.limit)

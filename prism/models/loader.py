@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText
 
 from prism.core.config import ModelSettings
+from prism.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +43,103 @@ def is_vision_tower(name: str) -> bool:
     return ".visual." in f".{name}" and not is_projector(name)
 
 
+def read_json_object(file: Path, key: str) -> dict:
+    """The JSON object in `file`; a DataError naming `key` and the file if it is not one."""
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{key}: {file} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{key}: {file} is not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
 def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
+    """A model directory whose config.json is a JSON object and whose safetensors weights are whole
+    (`check_weights`), or a one-line error naming `key` and the file at fault."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{key}: {path} is not a model directory (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_json_object(path / "config.json", key).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         log.warning("%s: model_type %r is not one prism was tested with (%s)", path, model_type,
                     ", ".join(SUPPORTED_MODEL_TYPES))
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{key}: {path} has no .safetensors weights (prism loads safetensors only)")
+    check_weights(path, key)
     return path
+
+
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+def check_weights(path: str | Path, key: str = "model.path") -> None:
+    """Check that every `*.safetensors` file of the directory `path` (or the file `path`) is whole.
+
+    Reads only each file's header: the 8-byte little-endian header length, the JSON header, and
+    compares the file size with the end of its last tensor. A directory's
+    `*.safetensors.index.json` must name only shards that exist. A directory without safetensors
+    files passes (`check_model_dir` says that). Raises DataError `"{key}: {file} is truncated or
+    corrupt (why)"`, one line; FileNotFoundError if `path` does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    if path.is_dir():
+        for index in sorted(path.glob("*.safetensors.index.json")):
+            weight_map = read_json_object(index, key).get("weight_map", {})
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+            missing = [s for s in shards if not (path / str(s)).is_file()]
+            if missing:
+                raise DataError(f"{key}: {index} names {len(missing)} missing shard(s): {', '.join(map(str, missing))}")
+        files = sorted(path.glob("*.safetensors"))
+    else:
+        files = [path]
+    for file in files:
+        why = _safetensors_fault(file)
+        if why:
+            raise DataError(f"{key}: {file} is truncated or corrupt ({why})")
+
+
+def _safetensors_fault(file: Path) -> str | None:
+    """Why the safetensors `file` is not whole, or None; reads the header only."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than the 8-byte header length"
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER:
+                return f"header length {n} is not plausible"
+            if 8 + n > size:
+                return f"{size} bytes, but its header alone needs {8 + n}"
+            raw = f.read(n)
+    except OSError as e:
+        return f"cannot read it: {first_line(e)}"
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"header is not valid JSON: {first_line(e)}"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return f"{size} bytes, but its tensors end at byte {8 + n + end}"
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def freeze(model: torch.nn.Module, vision: bool, projector: bool) -> dict[str, int]:
@@ -84,13 +173,16 @@ def load_model(s: ModelSettings, *, trainable: bool = True, device: torch.device
     path = check_model_dir(s.path, key)
 
     def base(from_dir):
-        return AutoModelForImageTextToText.from_pretrained(
-            from_dir,
-            dtype=resolve_dtype(s.dtype, device),
-            attn_implementation=s.attn_implementation,
-            trust_remote_code=s.trust_remote_code,
-            use_safetensors=True,
-        )
+        try:
+            return AutoModelForImageTextToText.from_pretrained(
+                from_dir,
+                dtype=resolve_dtype(s.dtype, device),
+                attn_implementation=s.attn_implementation,
+                trust_remote_code=s.trust_remote_code,
+                use_safetensors=True,
+            )
+        except (OSError, ValueError, SafetensorError) as e:  # what check_model_dir cannot see from headers
+            raise DataError(f"{key}: cannot load the model in {from_dir} ({first_line(e)})") from None
 
     if not trainable:
         return base(init_from or path).requires_grad_(False).eval()

@@ -10,7 +10,6 @@ the stock `AutoProcessor` path is used unchanged.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,19 @@ import transformers
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.utils import PushToHubMixin, is_torchvision_available
 
+from prism.core.errors import ConfigError, DataError
+from prism.models.loader import first_line, read_json_object
+
 PROCESSOR_FILE = "processor_config.json"
 VIDEO_FILE = "video_preprocessor_config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+"""Either of these holds a Qwen tokenizer's vocabulary (fast, or slow BPE)."""
+JSON_FILES = ("config.json", TOKENIZER_CONFIG_FILE, PROCESSOR_FILE, PREPROCESSOR_FILE, VIDEO_FILE, CHAT_TEMPLATE_JSON)
+"""The small JSON files a processor is read from (tokenizer.json, large, is left to the tokenizer)."""
 
 
 class VideoUnavailable(PushToHubMixin):  # the mixin marks it as serialisable for save_pretrained
@@ -77,23 +84,55 @@ def build_processor(processor_cls: type, image_processor, tokenizer, video_setti
     )
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path, key: str = "model.path") -> dict:
+    return read_json_object(path, key) if path.is_file() else {}
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False):
-    """Load the processor of a local Qwen-VL checkpoint (with or without torchvision)."""
+def missing_processor_files(path: Path, key: str = "model.path") -> list[str]:
+    """What a processor directory lacks: the tokenizer's files, the image processor's settings."""
+    missing = []
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        missing.append(" or ".join(" + ".join(files) for files in TOKENIZER_FILES))
+    if not (path / TOKENIZER_CONFIG_FILE).is_file():  # without it the EOS token silently falls back
+        missing.append(TOKENIZER_CONFIG_FILE)
+    if not (path / PREPROCESSOR_FILE).is_file() and not _read_json(path / PROCESSOR_FILE, key).get("image_processor"):
+        missing.append(f"{PREPROCESSOR_FILE} (or an image_processor entry in {PROCESSOR_FILE})")
+    return missing
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False, key: str = "model.path"):
+    """Load the processor of a local Qwen-VL checkpoint (with or without torchvision).
+
+    Any fault (missing directory, missing tokenizer or image-processor files, a corrupt file) is one
+    line naming `key` (the config key or flag that gave `path`) and the directory or file.
+    """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: model directory not found")
+        raise FileNotFoundError(f"{key}: {path} is not a directory")
+    for name in JSON_FILES:
+        _read_json(path / name, key)  # a corrupt one: one line naming it
+    missing = missing_processor_files(path, key)
+    if missing:
+        raise DataError(f"{key}: {path} has no usable processor (tokenizer / image processor): "
+                        f"missing {'; '.join(missing)}")
+    try:
+        return _load_processor(path, trust_remote_code, key)
+    except (ConfigError, DataError):
+        raise
+    except (OSError, ValueError) as e:
+        raise DataError(f"{key}: {path} has no usable processor (tokenizer / image processor): "
+                        f"{first_line(e)}") from None
+
+
+def _load_processor(path: Path, trust_remote_code: bool, key: str):
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
-    proc_cfg = _read_json(path / PROCESSOR_FILE)
-    pre_cfg = _read_json(path / PREPROCESSOR_FILE)
+    proc_cfg = _read_json(path / PROCESSOR_FILE, key)
+    pre_cfg = _read_json(path / PREPROCESSOR_FILE, key)
     class_name = proc_cfg.get("processor_class") or pre_cfg.get("processor_class")
     if class_name is None:
-        model_type = _read_json(path / "config.json").get("model_type", "")
+        model_type = _read_json(path / "config.json", key).get("model_type", "")
         class_name = {
             "qwen2_vl": "Qwen2VLProcessor",
             "qwen2_5_vl": "Qwen2_5_VLProcessor",
@@ -102,15 +141,16 @@ def load_processor(path: str | Path, trust_remote_code: bool = False):
         }.get(model_type)
     processor_cls = getattr(transformers, class_name or "", None)
     if processor_cls is None:
-        raise ValueError(f"{path}: no processor found (no {PROCESSOR_FILE} or {PREPROCESSOR_FILE} naming a processor class)")
+        raise DataError(f"{key}: {path} has no usable processor (no {PROCESSOR_FILE} or {PREPROCESSOR_FILE} "
+                        "naming a processor class)")
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    video_settings = proc_cfg.get("video_processor") or _read_json(path / VIDEO_FILE) or None
+    video_settings = proc_cfg.get("video_processor") or _read_json(path / VIDEO_FILE, key) or None
     chat_template = None
     if (path / CHAT_TEMPLATE_FILE).is_file():
         chat_template = (path / CHAT_TEMPLATE_FILE).read_text()
     elif (path / CHAT_TEMPLATE_JSON).is_file():
-        chat_template = _read_json(path / CHAT_TEMPLATE_JSON).get("chat_template")
+        chat_template = _read_json(path / CHAT_TEMPLATE_JSON, key).get("chat_template")
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
     return build_processor(processor_cls, image_processor, tokenizer, video_settings, chat_template)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(a.seed)
     examples = load_examples(a.data, require_answer=True)
-    processor = load_processor(a.model)
+    processor = load_processor(a.model, key="--model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelSettings(path=a.model), trainable=False, device=device, key="--model").to(device)
     params = SamplingParams(n=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens)

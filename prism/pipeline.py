@@ -15,6 +15,13 @@ exists is not trained again and an evaluation already on disk is read back, so a
 pipeline resumes where it stopped. `--full` runs X in {grpo, dapo, gspo}, 3 seeds and the
 `dense`, `text_only`, α = 0 and α = 1 ALIGN ablations, and reports mean ± std over seeds.
 Writes WORKDIR/results.json and WORKDIR/plots/*.png.
+
+Before anything is built or trained, `Pipeline.plan` builds the config of every stage of the run (every
+seed, X and ablation) and runs each stage's own checks, so a bad stage config or override stops at once
+with one line naming the stage; the run then trains with exactly those configs. Relative paths set in
+the pipeline file (stage configs, `data_dir`, `model_path`) are taken against the file's folder, so
+`--config` works from any directory; `workdir`, the defaults and command-line overrides stay relative
+to the current directory.
 """
 
 from __future__ import annotations
@@ -26,17 +33,22 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import transformers
+import yaml
 from pydantic import Field
 
 from prism.align.config import AlignConfig
+from prism.align.train import check_config as check_align
 from prism.align.train import train as train_align
 from prism.checkpoint import STATE_FILE, checkpoint_dir
-from prism.core.config import ModelSettings, Section, load_config
+from prism.core.config import ModelSettings, Section, load_config, parse_overrides
+from prism.core.errors import ConfigError, RunError
 from prism.core.task import Task, load_task
 from prism.data.formats import load_examples
 from prism.eval.run import evaluate_model
@@ -47,6 +59,7 @@ from prism.plots import make_plots
 from prism.report import format_table, summarise
 from prism.report import main as report_main
 from prism.rl.config import RLConfig
+from prism.rl.train import check_config as check_rl
 from prism.rl.train import train as train_rl
 from prism.sft.config import SFTConfig
 from prism.sft.train import train as train_sft
@@ -60,7 +73,8 @@ ABLATION_OVERRIDES = {"dense": ["discriminator.dense=true"], "text_only": ["disc
 
 class StageRef(Section):
     config: str
-    """The stage's own YAML config; the pipeline sets model / data paths, output dir and seed on top."""
+    """The stage's own YAML config; the pipeline sets model / data paths, output dir and seed on top.
+    Relative: to the pipeline file's folder when set in that file, else to the current directory."""
     overrides: list[str] = []
     """Extra dotted overrides for every run of this stage."""
 
@@ -88,15 +102,17 @@ class PipelineConfig(Section):
     renamed = {"eval.batch_size": "eval.chunk_size"}
 
     workdir: str = "runs/pipeline"
-    """Everything the pipeline writes: stage outputs, evaluations, results.json, plots."""
+    """Everything the pipeline writes: stage outputs, evaluations, results.json, plots. Relative: to the
+    current directory, even when set in a pipeline file (unlike the input paths below)."""
     model_path: str | None = None
-    """An existing model to start from; null builds the tiny Qwen3-VL (`tiny`)."""
+    """An existing model to start from; null builds the tiny Qwen3-VL (`tiny`). Relative: to the pipeline
+    file's folder when set in that file, else to the current directory."""
     tiny: TinySettings = TinySettings()
     task: str = "grids"
     """The task that makes the data (`Task.make_data`) and whose checks evaluation adds (prism.core.task)."""
     data_dir: str | None = None
     """An existing directory of the task's splits (public, curated, align, rl, test .jsonl); null generates
-    one under workdir with `synth`."""
+    one under workdir with `synth`. Relative: as model_path."""
     synth: dict[str, Any] = {"n": 4000}
     """Settings of the task's data generator (grids: prism-synth's options, e.g. n, grids, bias_rate, seed)."""
     seeds: list[int] = [0]
@@ -112,9 +128,69 @@ class PipelineConfig(Section):
     """torch intra-op threads (null: leave torch's default)."""
 
 
+INPUT_PATHS = ("model_path", "data_dir", "sft.config", "align.config", "rl.config")
+"""The pipeline's input paths: relative ones set in a pipeline file are taken against its folder."""
+
+
+def _sets(tree: dict, dotted: str) -> bool:
+    """Whether the nested mapping `tree` has the dotted key."""
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """`load_config(PipelineConfig, path, overrides)`, with the relative INPUT_PATHS that the file itself
+    sets taken against the file's folder (`configs/demo/pipeline.yaml` names `../sft/public.yaml`). The
+    defaults, paths given as overrides and `workdir` stay relative to the current directory."""
+    cfg = load_config(PipelineConfig, path, overrides)
+    if path is None:
+        return cfg
+    in_file = yaml.safe_load(Path(path).read_text()) or {}  # load_config has read it: a mapping
+    overridden = parse_overrides(overrides or [])
+    folder = Path(path).parent
+    for dotted in INPUT_PATHS:
+        *sections, key = dotted.split(".")
+        owner: Any = cfg
+        for name in sections:
+            owner = getattr(owner, name)
+        value = getattr(owner, key)
+        if value and not Path(value).is_absolute() and _sets(in_file, dotted) and not _sets(overridden, dotted):
+            setattr(owner, key, os.path.normpath(folder / value))
+    return cfg
+
+
 def _done(cfg) -> Path | None:
     ckpt = checkpoint_dir(cfg.train.output_dir, cfg.train.max_steps)
     return ckpt if (ckpt / STATE_FILE).is_file() else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of the pipeline, with the config it trains with."""
+
+    name: str
+    """What the log and the timings call it: sft/seed0, rl-sft-grpo/seed0, align-dense/seed0, rl-prism-grpo/seed0."""
+    row: str
+    """Its row of the results: SFT, SFT→X, PRISM, PRISM[variant] or PRISM+X."""
+    seed: int
+    cfg: SFTConfig | AlignConfig | RLConfig
+    train: Callable[[Any], Any]
+    curves: tuple[str, ...] = ()
+    """The logged metrics kept as curves in results.json."""
+
+    @property
+    def checkpoint(self) -> Path:
+        """Its final checkpoint, where the stages after it start (it need not exist yet)."""
+        return checkpoint_dir(self.cfg.train.output_dir, self.cfg.train.max_steps)
+
+
+RL_CURVES = ("rollout/reward", "rollout/accuracy")
+ALIGN_CURVES = ("disc/perception/gap", "disc/reasoning/gap", "disc/perception/acc", "disc/reasoning/acc",
+                "rollout/caption_match", "rollout/accuracy")
 
 
 class Pipeline:
@@ -122,67 +198,99 @@ class Pipeline:
         self.cfg = cfg
         self.task: Task = load_task(cfg.task, key="task")
         self.work = Path(cfg.workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.model = Path(cfg.model_path) if cfg.model_path else self.work / "tiny-model"
+        self.data = Path(cfg.data_dir) if cfg.data_dir else self.work / "data"
         self.timings: dict[str, float] = {}
         self.trained: list[str] = []  # stages trained by this invocation (the others were reused)
 
-    # ------------------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------------------ the plan
 
-    def model_dir(self) -> Path:
-        if self.cfg.model_path:
-            return Path(self.cfg.model_path)
-        out = self.work / "tiny-model"
-        if not (out / "config.json").is_file():
+    def _stage(self, name: str, row: str, seed: int, cls, ref: StageRef, overrides: list[str], train_fn,
+               check=None, curves: tuple[str, ...] = ()) -> Stage:
+        """A stage's config as it will train (the stage file < its pipeline overrides < the pipeline's
+        own settings), checked; a problem stops in one line naming the stage."""
+        try:
+            cfg = load_config(cls, ref.config, [*ref.overrides, f"data.task={self.cfg.task}", *overrides])
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if check is not None:
+            try:
+                check(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {ref.config} + overrides: {e}") from None
+        return Stage(name, row, seed, cfg, train_fn, curves)
+
+    def _rl(self, seed: int, algo: str, start: Stage, branch: str, row: str) -> Stage:
+        return self._stage(f"rl-{branch}-{algo}/seed{seed}", row, seed, RLConfig, self.cfg.rl, [
+            f"model.path={start.checkpoint}", f"data.train={self.data}/rl.jsonl", "data.eval=null",
+            f"algo.name={algo}", f"train.output_dir={self.work}/seed{seed}/{branch}-{algo}", f"train.seed={seed}"],
+            train_rl, check_rl, RL_CURVES)
+
+    def _align(self, seed: int, start: Stage, variant: str) -> Stage:
+        row = "PRISM" if variant == "default" else f"PRISM[{variant}]"
+        return self._stage(f"align-{variant}/seed{seed}", row, seed, AlignConfig, self.cfg.align, [
+            # the discriminator's backbone is the starting policy: it already reads the grids
+            f"model.path={start.checkpoint}", f"discriminator.path={start.checkpoint}",
+            f"data.train={self.data}/align.jsonl", "data.eval=null",
+            f"train.output_dir={self.work}/seed{seed}/align-{variant}", f"train.seed={seed}",
+            *ABLATION_OVERRIDES.get(variant, [])], train_align, check_align, ALIGN_CURVES)
+
+    def plan(self) -> list[Stage]:
+        """Every stage of the run in the order it runs, each with the config it trains with: built
+        (load_config) and checked (the stage's own `check_config`) without building, generating or
+        training anything, so that a bad stage config or override stops before the first stage instead
+        of after the stages before it. Paths that earlier stages will write are not checked; a given
+        `model_path` and the splits of a given `data_dir` are."""
+        cfg = self.cfg
+        stages: list[Stage] = []
+        for seed in cfg.seeds:
+            sft = self._stage(f"sft/seed{seed}", "SFT", seed, SFTConfig, cfg.sft, [
+                f"model.path={self.model}", f"data.train={self.data}/public.jsonl", "data.eval=null",
+                f"train.output_dir={self.work}/seed{seed}/sft", f"train.seed={seed}"], train_sft)
+            stages.append(sft)
+            stages += [self._rl(seed, algo, sft, "sft", f"SFT→{algo}") for algo in cfg.algos]
+            for variant in ["default", *cfg.ablations]:
+                aligned = self._align(seed, sft, variant)
+                stages.append(aligned)
+                if variant == "default":
+                    stages += [self._rl(seed, algo, aligned, "prism", f"PRISM+{algo}") for algo in cfg.algos]
+        if cfg.model_path and not self.model.is_dir():
+            raise ConfigError(f"model_path: {self.model}: not a directory")
+        if cfg.data_dir:
+            for split in dict.fromkeys([*(Path(s.cfg.data.train) for s in stages), self.data / "test.jsonl"]):
+                if not split.is_file():
+                    raise ConfigError(f"data_dir: {split}: file not found")
+        return stages
+
+    # ------------------------------------------------------------------------------ inputs and stages
+
+    def prepare(self) -> None:
+        """The task's data and the tiny model under workdir, unless given (data_dir, model_path) or there."""
+        if not self.cfg.data_dir and not (self.data / "meta.json").is_file():
+            self.task.make_data(self.data, self.cfg.synth)
+        if not self.cfg.model_path and not (self.model / "config.json").is_file():
             t = self.cfg.tiny
-            build_tiny(out, hidden=t.hidden, layers=t.layers, head_dim=t.head_dim)
-        return out
+            build_tiny(self.model, hidden=t.hidden, layers=t.layers, head_dim=t.head_dim)
 
-    def data_dir(self) -> Path:
-        if self.cfg.data_dir:
-            return Path(self.cfg.data_dir)
-        out = self.work / "data"
-        if not (out / "meta.json").is_file():
-            self.task.make_data(out, self.cfg.synth)
-        return out
-
-    # ------------------------------------------------------------------------------ stages
-
-    def _stage(self, name: str, cls, ref, overrides: list[str], train_fn) -> Path:
-        cfg = load_config(cls, ref.config, [*ref.overrides, f"data.task={self.cfg.task}", *overrides])
+    def _train(self, stage: Stage) -> Path:
+        """The stage's final checkpoint: trained now, or reused when it is already there."""
+        cfg = stage.cfg
         done = _done(cfg)
         if done is None:
-            log.info("=== %s -> %s", name, cfg.train.output_dir)
+            log.info("=== %s -> %s", stage.name, cfg.train.output_dir)
             t0 = time.perf_counter()
-            train_fn(cfg)
-            self.timings[name] = time.perf_counter() - t0
-            self.trained.append(name)
+            stage.train(cfg)
+            self.timings[stage.name] = time.perf_counter() - t0
+            self.trained.append(stage.name)
             done = _done(cfg)
+            if done is None:
+                raise RunError(f"{stage.name}: training ended without its final checkpoint {stage.checkpoint}")
         else:
-            log.info("=== %s: reusing %s", name, done)
+            log.info("=== %s: reusing %s", stage.name, done)
             seconds = logged_seconds(Path(cfg.train.output_dir))
             if seconds is not None:
-                self.timings[name] = seconds
+                self.timings[stage.name] = seconds
         return done
-
-    def sft(self, seed: int) -> Path:
-        data, model = self.data_dir(), self.model_dir()
-        return self._stage(f"sft/seed{seed}", SFTConfig, self.cfg.sft, [
-            f"model.path={model}", f"data.train={data}/public.jsonl", "data.eval=null",
-            f"train.output_dir={self.work}/seed{seed}/sft", f"train.seed={seed}"], train_sft)
-
-    def rl(self, seed: int, algo: str, start: Path, branch: str) -> Path:
-        data = self.data_dir()
-        return self._stage(f"rl-{branch}-{algo}/seed{seed}", RLConfig, self.cfg.rl, [
-            f"model.path={start}", f"data.train={data}/rl.jsonl", "data.eval=null", f"algo.name={algo}",
-            f"train.output_dir={self.work}/seed{seed}/{branch}-{algo}", f"train.seed={seed}"], train_rl)
-
-    def align(self, seed: int, start: Path, variant: str) -> Path:
-        data = self.data_dir()
-        return self._stage(f"align-{variant}/seed{seed}", AlignConfig, self.cfg.align, [
-            # the discriminator's backbone is the starting policy: it already reads the grids
-            f"model.path={start}", f"discriminator.path={start}", f"data.train={data}/align.jsonl",
-            "data.eval=null", f"train.output_dir={self.work}/seed{seed}/align-{variant}", f"train.seed={seed}",
-            *ABLATION_OVERRIDES.get(variant, [])], train_align)
 
     # ------------------------------------------------------------------------------ evaluation
 
@@ -196,9 +304,9 @@ class Pipeline:
             if cached.get("key") == key:
                 return cached["result"]
         torch.manual_seed(seed)
-        test = load_examples(self.data_dir() / "test.jsonl", limit=e.limit)
+        test = load_examples(self.data / "test.jsonl", limit=e.limit)
         model = load_model(ModelSettings(path=str(ckpt)), trainable=False)
-        embed = load_model(ModelSettings(path=str(self.model_dir())), trainable=False)  # one fixed embedder
+        embed = load_model(ModelSettings(path=str(self.model)), trainable=False)  # one fixed embedder
         result = evaluate_model(model, load_processor(ckpt), test, samples=e.samples, temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, chunk_size=e.chunk_size,
                                 reference=[ex.response for ex in test], embed_model=embed, task=self.task)
@@ -210,28 +318,16 @@ class Pipeline:
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
+        stages = self.plan()  # every stage config, checked before anything is written, built or trained
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         rows: dict[str, dict[str, dict]] = {}   # row name -> seed -> evaluation
         curves: dict[str, dict[str, list]] = {}  # run name -> metric curves
-        for seed in cfg.seeds:
-            sft = self.sft(seed)
-            rows.setdefault("SFT", {})[str(seed)] = self.evaluate(sft, seed)
-            for algo in cfg.algos:
-                a = self.rl(seed, algo, sft, "sft")
-                rows.setdefault(f"SFT→{algo}", {})[str(seed)] = self.evaluate(a, seed)
-                curves[f"seed{seed}/SFT→{algo}"] = read_curves(a.parent, ("rollout/reward", "rollout/accuracy"))
-            for variant in ["default", *cfg.ablations]:
-                aligned = self.align(seed, sft, variant)
-                row = "PRISM" if variant == "default" else f"PRISM[{variant}]"
-                rows.setdefault(row, {})[str(seed)] = self.evaluate(aligned, seed)
-                curves[f"seed{seed}/{row}"] = read_curves(aligned.parent, (
-                    "disc/perception/gap", "disc/reasoning/gap", "disc/perception/acc", "disc/reasoning/acc",
-                    "rollout/caption_match", "rollout/accuracy"))
-                if variant != "default":
-                    continue
-                for algo in cfg.algos:
-                    b = self.rl(seed, algo, aligned, "prism")
-                    rows.setdefault(f"PRISM+{algo}", {})[str(seed)] = self.evaluate(b, seed)
-                    curves[f"seed{seed}/PRISM+{algo}"] = read_curves(b.parent, ("rollout/reward", "rollout/accuracy"))
+        for stage in stages:
+            ckpt = self._train(stage)
+            rows.setdefault(stage.row, {})[str(stage.seed)] = self.evaluate(ckpt, stage.seed)
+            if stage.curves:
+                curves[f"seed{stage.seed}/{stage.row}"] = read_curves(ckpt.parent, stage.curves)
         results = {
             "config": cfg.model_dump(mode="json"),
             "rows": rows,
@@ -271,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. workdir=runs/p2 seeds=[0,1]")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = load_config(PipelineConfig, a.config, (FULL if a.full else []) + a.overrides)
+    cfg = load_pipeline_config(a.config, (FULL if a.full else []) + a.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     results = Pipeline(cfg).run()

@@ -1,5 +1,6 @@
 """`prism-pipeline` end to end on a 2-step-per-stage config, reuse of finished stages, the results page,
-and bad pipeline configs."""
+bad pipeline configs, the plan of stage configs checked before anything runs, and where relative paths
+of a pipeline file lead."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import pytest
 import yaml
 
 from prism.core.config import ConfigError, load_config
-from prism.pipeline import Pipeline, PipelineConfig
-from prism.report import format_table
-from prism.report import render
+from prism.pipeline import FULL, Pipeline, PipelineConfig, load_pipeline_config
+from prism.report import format_table, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,124 @@ def test_bad_pipeline_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'stages'"):
         load_config(PipelineConfig, _config(tmp_path, stages=["sft"]))
     cfg = load_config(PipelineConfig, _config(tmp_path, sft={"config": str(tmp_path / "missing.yaml")}))
-    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
-        Pipeline(cfg).sft(0)
+    with pytest.raises(ConfigError, match="^sft/seed0: .*missing.yaml: config file not found$"):
+        Pipeline(cfg).plan()
+
+
+def _nothing_may_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the pipeline built, generated or trained something before checking every stage")
+
+    monkeypatch.setattr(Pipeline, "prepare", fail)
+    for fn in ("train_sft", "train_rl", "train_align", "build_tiny"):
+        monkeypatch.setattr(f"prism.pipeline.{fn}", fail)
+
+
+@pytest.mark.parametrize("extra, error", [
+    ({"rl": {"config": str(REPO / "configs/rl/demo.yaml"), "overrides": [*SMALL["rl"], "rollout.group_size=1"]}},
+     r"^rl-sft-grpo/seed0: \S*configs/rl/demo.yaml \+ overrides: rollout.group_size: 1 with grpo: "),
+    ({"align": {"config": "/no/such/align.yaml"}}, r"^align-default/seed0: /no/such/align.yaml: config file not found$"),
+    ({"align": {"config": str(REPO / "configs/align/demo.yaml"), "overrides": ["algo.kl_coef=0.1"]}},
+     r"^align-default/seed0: \S*configs/align/demo.yaml \+ overrides: algo.kl_coef: ALIGN has no KL term"),
+    ({"sft": {"config": str(REPO / "configs/sft/public.yaml"), "overrides": ["optim.nope=1"]}},
+     r"^sft/seed0: \S*configs/sft/public.yaml \+ overrides: unknown config key 'optim.nope'$"),
+    # valid for grpo, refused for gspo: every X of every seed is checked, not only the first stage's
+    ({"algos": ["grpo", "gspo"], "seeds": [0, 1],
+      "rl": {"config": str(REPO / "configs/rl/demo.yaml"), "overrides": ["algo.clip_ratio_c=3"]}},
+     r"^rl-sft-gspo/seed0: \S*configs/rl/demo.yaml \+ overrides: algo: Value error, clip_ratio_c: dual-clip"),
+])
+def test_a_bad_stage_config_stops_in_one_line_before_anything_runs(tmp_path, monkeypatch, extra, error):
+    _nothing_may_run(monkeypatch)
+    pipeline = Pipeline(load_config(PipelineConfig, _config(tmp_path, **extra)))
+    with pytest.raises(ConfigError, match=error) as e:
+        pipeline.run()
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "work").exists()  # no tiny model, no data, no stage output
+
+
+def test_the_plan_holds_every_stage_of_a_full_run_with_the_configs_it_trains_with(tmp_path, monkeypatch):
+    _nothing_may_run(monkeypatch)
+    cfg = load_pipeline_config(_config(tmp_path), FULL)
+    stages = Pipeline(cfg).plan()
+    assert not (tmp_path / "work").exists()
+    per_seed = ["sft", "rl-sft-grpo", "rl-sft-dapo", "rl-sft-gspo", "align-default", "rl-prism-grpo", "rl-prism-dapo",
+                "rl-prism-gspo", "align-dense", "align-text_only", "align-alpha0", "align-alpha1"]
+    assert [s.name for s in stages] == [f"{n}/seed{seed}" for seed in (0, 1, 2) for n in per_seed]
+    by_name = {s.name: s for s in stages}
+    work = tmp_path / "work"
+    sft = by_name["sft/seed1"]
+    assert sft.row == "SFT" and sft.cfg.model.path == str(work / "tiny-model") and sft.cfg.train.seed == 1
+    assert sft.cfg.data.train == str(work / "data/public.jsonl") and sft.cfg.train.max_steps == 2
+    aligned = by_name["align-default/seed1"]
+    assert aligned.cfg.model.path == aligned.cfg.discriminator.path == str(sft.checkpoint)
+    assert aligned.cfg.rollout.group_size == 2  # the stage's pipeline overrides are applied
+    rl = by_name["rl-prism-dapo/seed1"]
+    assert (rl.row, rl.cfg.algo.name, rl.cfg.model.path) == ("PRISM+dapo", "dapo", str(aligned.checkpoint))
+    assert rl.cfg.train.output_dir == str(work / "seed1/prism-dapo") and rl.cfg.data.task == "grids"
+    assert by_name["align-dense/seed2"].cfg.discriminator.dense and by_name["align-alpha0/seed2"].cfg.align.alpha == 0
+    assert by_name["align-dense/seed2"].row == "PRISM[dense]"
+    assert len({s.cfg.train.output_dir for s in stages}) == len(stages)
+
+
+def test_given_model_and_data_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    _nothing_may_run(monkeypatch)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("public", "align", "test"):
+        (data / f"{split}.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="^model_path: .*no-model: not a directory$"):
+        Pipeline(load_config(PipelineConfig, _config(tmp_path, model_path=str(tmp_path / "no-model")))).run()
+    cfg = load_config(PipelineConfig, _config(tmp_path, model_path=str(tmp_path), data_dir=str(data)))
+    with pytest.raises(ConfigError, match="^data_dir: .*rl.jsonl: file not found$"):
+        Pipeline(cfg).run()
+    assert not (tmp_path / "work").exists()
+
+
+def test_relative_paths_in_a_pipeline_file_are_taken_against_its_folder(tmp_path, monkeypatch):
+    project = tmp_path.resolve() / "project"
+    for stage, name in (("sft", "public"), ("align", "demo"), ("rl", "demo")):
+        (project / "configs" / stage).mkdir(parents=True)
+        (project / "configs" / stage / "run.yaml").write_text((REPO / f"configs/{stage}/{name}.yaml").read_text())
+    (project / "model").mkdir()
+    (project / "data").mkdir()
+    for split in ("public", "align", "rl", "test"):
+        (project / "data" / f"{split}.jsonl").write_text("")
+    (project / "pipelines").mkdir()
+    (project / "pipelines/p.yaml").write_text(yaml.safe_dump({
+        "workdir": "out", "model_path": "../model", "data_dir": "../data",
+        **{stage: {"config": f"../configs/{stage}/run.yaml"} for stage in ("sft", "align", "rl")}}))
+    elsewhere = tmp_path.resolve() / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    cfg = load_pipeline_config("../project/pipelines/p.yaml")
+    assert cfg.sft.config == "../project/configs/sft/run.yaml" and cfg.model_path == "../project/model"
+    assert cfg.workdir == "out"  # an output: relative to the current directory
+    stages = Pipeline(cfg).plan()
+    assert Path(stages[0].cfg.model.path).resolve() == project / "model"
+    assert Path(stages[0].cfg.data.train).resolve() == project / "data/public.jsonl"
+    assert Path(stages[0].cfg.train.output_dir).resolve() == elsewhere / "out/seed0/sft"
+    assert not (elsewhere / "out").exists()
+
+    # paths given on the command line, and the defaults, stay relative to the current directory
+    cfg = load_pipeline_config(project / "pipelines/p.yaml", ["data_dir=mine", "rl={config: r.yaml}"])
+    assert (cfg.data_dir, cfg.rl.config) == ("mine", "r.yaml")
+    assert cfg.align.config == str(project / "configs/align/run.yaml")
+    cfg = load_pipeline_config(None, ["sft.config=s.yaml"])
+    assert (cfg.sft.config, cfg.align.config) == ("s.yaml", "configs/align/demo.yaml")
+
+
+def test_the_demo_pipeline_runs_from_the_repo_root_and_from_anywhere(tmp_path, monkeypatch):
+    _nothing_may_run(monkeypatch)
+    monkeypatch.chdir(REPO)  # make demo
+    cfg = load_pipeline_config("configs/demo/pipeline.yaml")
+    assert [cfg.sft.config, cfg.align.config, cfg.rl.config] == [
+        "configs/sft/public.yaml", "configs/align/demo.yaml", "configs/rl/demo.yaml"]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline_config(REPO / "configs/demo/pipeline.yaml", FULL)
+    assert Path(cfg.rl.config) == REPO / "configs/rl/demo.yaml" and cfg.workdir == "runs/pipeline"
+    assert len(Pipeline(cfg).plan()) == 36
+    assert not (tmp_path / "runs").exists()
 
 
 def test_curves_are_averaged_over_seeds_step_by_step():

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from prism.core.config import ConfigError
+from prism.core.errors import RunError
 from prism.core.example import Example
 from prism.core.response import is_format_valid, parse_response
 
@@ -147,8 +148,16 @@ class RewardModel:
         for name, fn in self.fns.items():
             values = list(fn(responses, examples))
             if len(values) != len(responses):
-                raise ValueError(f"reward {name!r} returned {len(values)} scores for {len(responses)} responses")
-            parts[name] = torch.tensor(values, dtype=torch.float32)
+                raise RunError(f"reward.functions: {name!r} returned {len(values)} scores for {len(responses)} "
+                               "responses; it must return one per response")
+            try:
+                parts[name] = torch.tensor(values, dtype=torch.float32)
+            except (TypeError, ValueError) as e:
+                raise RunError(f"reward.functions: {name!r} returned scores that are not numbers ({e})") from None
+            bad = (~torch.isfinite(parts[name])).nonzero().flatten().tolist()
+            if bad:
+                raise RunError(f"reward.functions: {name!r} returned {parts[name][bad[0]].item()} for {len(bad)} of "
+                               f"{len(values)} responses (first: {examples[bad[0]].source}); rewards must be finite")
         total = sum(self.weights[n] * v for n, v in parts.items())
         return total, parts
 

@@ -15,21 +15,30 @@ from typing import Any
 
 from prism.core.config import LoggingSettings
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class Tracker:
+    """Appends one row per logged step to OUTPUT_DIR/metrics.jsonl (and TensorBoard / wandb).
+
+    A run that (re)starts at step `start` first drops the rows of later steps (a resumed run logs
+    them again; a fresh run, start 0, keeps none), so every step appears once."""
+
     def __init__(self, output_dir: str | Path, settings: LoggingSettings, config: dict[str, Any],
-                 enabled: bool = True):
+                 enabled: bool = True, start: int = 0):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        truncate_metrics(out, start)
+        self.jsonl = open(out / METRICS_FILE, "a", buffering=1)
         if settings.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # events of steps > start are purged (all of them for a fresh start)
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else 0)
         if settings.wandb_project:
             import wandb
 
@@ -59,9 +68,28 @@ class Tracker:
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] without one)."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    """The rows of a run's metrics.jsonl ([] without one; a last line cut short by a kill is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in lines[:-1]]
+    try:
+        rows += [json.loads(x) for x in lines[-1:]]
+    except ValueError:  # written when the process was killed
+        pass
+    return rows
+
+
+def truncate_metrics(run_dir: Path, start: int) -> None:
+    """Keep the metrics.jsonl rows of steps <= `start` (none when `start` is 0), atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = [r for r in metric_rows(run_dir) if start and r.get("step", 0) <= start]
+    tmp = path.with_name(f".{METRICS_FILE}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 def logged_seconds(run_dir: Path) -> float | None:

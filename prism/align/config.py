@@ -46,6 +46,12 @@ class DiscriminatorSettings(DiscriminatorConfig):
     scoring, update), moving them to `device` for those: frees accelerator memory for generation and
     the policy update, at the cost of two host-device copies per step."""
 
+    collapse_window: int = Field(10, ge=0)
+    """Steps over which the collapse watch looks for a discriminator that stopped playing (scores pinned at
+    ±score_clip, loss frozen, an expert's accuracy stuck at 0; `prism.align.monitor`). 0: off."""
+    stop_on_collapse: bool = False
+    """Stop the run (before the step is saved) on a sign of collapse, instead of a warning."""
+
     def architecture(self) -> DiscriminatorConfig:
         """The fields saved with the discriminator."""
         return DiscriminatorConfig(**self.model_dump(include=set(DiscriminatorConfig.model_fields)))

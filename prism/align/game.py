@@ -37,7 +37,8 @@ def discriminator_player(cfg: AlignConfig, accelerator, disc: MoEDiscriminator) 
     d = cfg.discriminator
     params = disc.trainable_parameters()
     optimizer, _ = make_optimizer(params, d.lr, weight_decay=d.weight_decay)
-    return ModelUpdate(accelerator, disc, optimizer, params, d.max_grad_norm, replicated=True)
+    return ModelUpdate(accelerator, disc, optimizer, params, d.max_grad_norm, replicated=True,
+                       max_change=cfg.optim.max_param_change, name="discriminator", lr_key="discriminator.lr")
 
 
 class Placement:
@@ -87,7 +88,7 @@ def _scores(disc: MoEDiscriminator, batch: list[Example], refs, parsed, G: int, 
 
 
 def discriminator_update(disc: MoEDiscriminator, update: ModelUpdate, cfg: AlignConfig, prompts: list[Example],
-                         texts: list[str], valid: torch.Tensor, step: int = 0, out_dir=".") -> dict[str, float]:
+                         texts: list[str], valid: torch.Tensor, step: int = 0) -> dict[str, float]:
     """One optimizer step of D on (teacher reference, rollout) pairs; rollouts of prompt b are rows b·G..b·G+G−1.
 
     The teacher reference of each prompt is scored once and paired with each of its G rollouts.
@@ -124,7 +125,7 @@ def discriminator_update(disc: MoEDiscriminator, update: ModelUpdate, cfg: Align
         if torch.is_tensor(aux):
             sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach()) * len(batch)
     if n_valid > 0:  # the same decision on every process (n_valid is global)
-        update.step(step, out_dir)
+        update.step(step)
     else:
         update.zero_grad()
     metrics = {k: v / max(weights[k], 1e-9) for k, v in sums.items() if k != "aux_loss"}

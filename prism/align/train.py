@@ -48,8 +48,9 @@ from prism.align.game import (
     rollout_monitors,
 )
 from prism.align.losses import alignment_advantages
-from prism.align.warmup import warm_start
-from prism.checkpoint import resolve_resume, restore_optimizer, save_policy_checkpoint
+from prism.align.monitor import CollapseWatch
+from prism.align.warmup import restore_warm_start_rng, reusable_warm_start, warm_start
+from prism.checkpoint import list_checkpoints, restore_optimizer, save_policy_checkpoint
 from prism.core.config import load_config
 from prism.core.errors import ConfigError, DataError
 from prism.core.example import Example
@@ -61,10 +62,20 @@ from prism.data.order import batch_indices
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean
 from prism.eval.policy import evaluate
 from prism.loop.policy_update import policy_update
-from prism.loop.run import check_enough, close_run, end_step, load_eval_data, open_logs, setup_run
+from prism.loop.run import (
+    check_enough,
+    claim_output_dir,
+    close_run,
+    end_step,
+    load_eval_data,
+    names_last_checkpoint,
+    open_logs,
+    setup_run,
+)
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.rollout.engine import RolloutBackend, make_backend
+from prism.tracking import metric_rows
 
 log = logging.getLogger("prism.align")
 
@@ -110,7 +121,7 @@ class Players:
     placement: Placement
 
 
-def game_step(cfg: AlignConfig, p: Players, batch: list[Example], step: int, out: Path, task) -> dict[str, float]:
+def game_step(cfg: AlignConfig, p: Players, batch: list[Example], step: int, task) -> dict[str, float]:
     """One step of the game (module docstring, 1–5) on this process's prompts; returns its metrics."""
     G = cfg.rollout.group_size
     r = cfg.rollout
@@ -128,17 +139,19 @@ def game_step(cfg: AlignConfig, p: Players, batch: list[Example], step: int, out
     t2 = time.perf_counter()
     actor = policy_update(p.policy, rollouts, advantages, cfg.algo, temperature=r.temperature,
                           logprob_chunk_size=r.logprob_chunk_size, logprob_token_budget=r.logprob_token_budget,
-                          step=step, out_dir=out)
+                          step=step)
     p.scheduler.step()
     t3 = time.perf_counter()
     d_metrics: dict[str, float] = {}
     with p.placement.active(p.disc, p.disc_update.optimizer):
         for _ in range(cfg.discriminator.steps_per_policy_step):
-            d_metrics = discriminator_update(p.disc, p.disc_update, cfg, batch, rollouts.texts, valid, step, out)
+            d_metrics = discriminator_update(p.disc, p.disc_update, cfg, batch, rollouts.texts, valid, step)
     t4 = time.perf_counter()
 
     metrics = {f"rollout/{k}": v for k, v in rollout_monitors(batch, rollouts.texts, G, task).items()}
     metrics.update({f"score/{k}": float(v.mean()) for k, v in scores.items()})
+    clip = p.disc.config.score_clip
+    metrics["score/pinned"] = float(torch.stack([v.abs() >= clip * (1 - 1e-6) for v in scores.values()]).float().mean())
     metrics.update({"rollout/advantage_abs": float(advantages.abs().mean()),
                     "rollout/length": float(rollouts.response_lengths.float().mean())})
     metrics.update({f"actor/{k}": v for k, v in actor.items()})
@@ -151,10 +164,14 @@ def game_step(cfg: AlignConfig, p: Players, batch: list[Example], step: int, out
 def warm_start_once(cfg: AlignConfig, accelerator, game: Players, prompts: list[Example], out: Path, task,
                     reuse: bool) -> dict[str, float]:
     """The discriminator's warm-start (`prism.align.warmup`), or with `reuse` the one a previous run of this
-    output directory finished (OUTPUT_DIR/warmup); then a fresh optimizer for the game. Returns its metrics."""
-    if reuse and (out / "warmup" / "metrics.json").is_file():
-        game.disc = build_discriminator(cfg, out / "warmup").to(game.placement.home)
-        metrics = json.loads((out / "warmup" / "metrics.json").read_text())
+    output directory finished with the same settings and files (OUTPUT_DIR/warmup; its RNG state restored,
+    so the game goes on as after a fresh warm-start); then a fresh optimizer for the game. Returns its metrics."""
+    saved = reusable_warm_start(cfg, out, accelerator.num_processes, accelerator.process_index) if reuse else None
+    if saved is not None:
+        log.info("reusing the warm-start in %s (same settings and files)", saved)
+        game.disc = build_discriminator(cfg, saved).to(game.placement.home)
+        metrics = json.loads((saved / "metrics.json").read_text())
+        restore_warm_start_rng(saved, accelerator.process_index)
     else:
         warm_prompts = load_alignment_data(cfg, cfg.warmup.data) if cfg.warmup.data else prompts
         with game.placement.active(game.disc, game.disc_update.optimizer):
@@ -163,6 +180,7 @@ def warm_start_once(cfg: AlignConfig, accelerator, game: Players, prompts: list[
     return metrics
 
 
+@names_last_checkpoint
 def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     check_config(cfg)
     # --- build -----------------------------------------------------------------------------
@@ -174,21 +192,32 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", world)
 
-    resume_from = None if warmup_only else resolve_resume(cfg.train.resume, out)
+    if warmup_only:  # the warm-start alone (re)writes OUTPUT_DIR/warmup; a game's checkpoints would not use it
+        ckpts = list_checkpoints(out)
+        if ckpts and not cfg.train.overwrite:
+            raise ConfigError(f"train.output_dir: {out} holds a game's checkpoints (up to {ckpts[-1].name}), which "
+                              "a new warm-start would not change; choose another train.output_dir or set "
+                              "train.overwrite=true to replace that run")
+        resume_from = claim_output_dir(cfg, accelerator, out, resume="none" if ckpts else "auto")
+    else:
+        resume_from = claim_output_dir(cfg, accelerator, out)
     policy = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     placement = Placement(cfg, accelerator)
     disc = build_discriminator(cfg, resume_from / DISC_DIR if resume_from else cfg.discriminator.path or cfg.model.path)
     disc = disc.to(placement.home)
     opt_p, sched_p = optimizer_from_config(cfg, [p for p in policy.parameters() if p.requires_grad])
     policy, opt_p, params = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
-    game = Players(ModelUpdate(accelerator, policy, opt_p, params, cfg.optim.max_grad_norm), sched_p,
+    game = Players(ModelUpdate(accelerator, policy, opt_p, params, cfg.optim.max_grad_norm,
+                               max_change=cfg.optim.max_param_change), sched_p,
                    make_backend(cfg.rollout.backend, accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size),
                    disc, discriminator_player(cfg, accelerator, disc), placement)
 
     start, metrics = 0, {}
     if resume_from is not None:
-        start = restore_optimizer(resume_from, opt_p, sched_p, rank, model=policy)["step"]
+        start = restore_optimizer(resume_from, opt_p, sched_p, rank, model=policy, lr=cfg.optim.lr)["step"]
         game.disc_update.optimizer.load_state_dict(torch.load(resume_from / "disc_optimizer.pt", weights_only=False))
+        for group in game.disc_update.optimizer.param_groups:  # a changed discriminator.lr takes effect
+            group["lr"] = cfg.discriminator.lr
     tracker, bar = open_logs(cfg, accelerator, out, start, "align")
     if start == 0 and cfg.warmup.steps > 0:
         metrics = warm_start_once(cfg, accelerator, game, prompts, out, task, reuse=not warmup_only)
@@ -198,10 +227,14 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
         return metrics
 
     # --- loop ------------------------------------------------------------------------------
+    d = cfg.discriminator
+    watch = CollapseWatch(d.collapse_window, d.stop_on_collapse, d.lr,
+                          history=[r for r in metric_rows(out) if 0 < r["step"] <= start][-d.collapse_window:])
     for step in range(start + 1, cfg.train.max_steps + 1):
         batch = [prompts[i] for i in batch_indices(len(prompts), step - 1, cfg.train.prompts_per_step, world, rank,
                                                    cfg.train.seed)]
-        metrics = game_step(cfg, game, batch, step, out, task)
+        metrics = game_step(cfg, game, batch, step, task)
+        watch.update(step, metrics)
 
         def save() -> None:
             def extra(tmp: Path) -> None:

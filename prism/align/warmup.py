@@ -5,14 +5,22 @@ Negatives are samples of the starting (SFT) policy — what the game will show t
 or, for a controlled check, the reference with one caption error and one reasoning error: the
 task's own corruption (`Task.corrupt_response`, e.g. one grid cell and one count changed) or, without
 a task, the word-level `corrupt_response` below. Held-out prompts report pairwise accuracy per expert.
+
+The warmed-up discriminator is saved atomically to OUTPUT_DIR/warmup with its metrics, every process's
+RNG state and a fingerprint of what shaped it (`warmup_fingerprint`: the settings, the number of
+processes, and the size and modification time of the data and model files). A run of the same output
+dir that has not reached its first checkpoint reuses it only when the fingerprint matches, and then
+continues from its RNG state exactly as if the warm-start had just run (`reuse_warm_start`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +30,7 @@ from tqdm.auto import tqdm
 from prism.align.config import AlignConfig
 from prism.align.discriminator import MoEDiscriminator
 from prism.align.losses import COMPONENTS, discriminator_loss
+from prism.checkpoint.atomic import rng_state, set_rng_state
 from prism.core.example import Example
 from prism.core.response import parse_response
 from prism.core.rollouts import SamplingParams
@@ -30,6 +39,9 @@ from prism.dist import ModelUpdate
 from prism.rollout.engine import RolloutBackend
 
 log = logging.getLogger("prism.align")
+
+WARMUP_DIR = "warmup"
+FINGERPRINT_FILE = "fingerprint.json"
 
 _WORD = re.compile(r"[A-Za-z]+")
 _DIGIT = re.compile(r"\d")
@@ -159,14 +171,99 @@ def warm_start(cfg: AlignConfig, accelerator, backend: RolloutBackend, disc: MoE
         disc.train()
         loss, m = pair_loss(disc, batch, [ex.response for ex in batch], negatives_for(batch), cfg.discriminator.reg)
         update.backward(loss / world)  # summed over processes: the gradient of the mean over all pairs
-        update.step(step, out, warmup_loss=loss.item())
+        update.step(f"warm-start step {step + 1}", warmup_loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", v=f"{m['perception/acc']:.2f}", r=f"{m['reasoning/acc']:.2f}")
     metrics.update(accuracy("warmup"))
     metrics.update({"warmup/steps": float(w.steps), "warmup/pairs": float(len(train_prompts)),
                     "warmup/held_out_pairs": float(len(held_out))})
-    if accelerator.is_main_process:
-        disc.save_pretrained(out / "warmup")
-        (out / "warmup" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+    save_warm_start(accelerator, disc, metrics, out, warmup_fingerprint(cfg, accelerator.num_processes))
     log.info("warm-start: %s", {k: round(v, 3) for k, v in metrics.items()})
     return metrics
+
+
+def _stat(path: str | None) -> dict[str, list[int]]:
+    """{file: [size, mtime_ns]} of a data file, or of a model directory's config and weights."""
+    if not path:
+        return {}
+    p = Path(path)
+    files = [p] if p.is_file() else sorted([*p.glob("config.json"), *p.glob("*.safetensors"), *p.glob("*/*.safetensors")])
+    return {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+
+
+def warmup_fingerprint(cfg: AlignConfig, world: int) -> dict:
+    """What shapes the warm-start: its settings, the discriminator's, the starting policy's (which samples
+    the negatives) with its sampling settings, the data, the seed and the number of processes, and the size
+    and modification time of the data and model files. Where it lives (discriminator.device / offload) and
+    what happens after it (the game's settings) are left out."""
+    d = cfg.discriminator.model_dump(mode="json", exclude={"device", "offload", "collapse_window", "stop_on_collapse"})
+    data = cfg.warmup.data or cfg.data.train
+    return {
+        "warmup": cfg.warmup.model_dump(mode="json"), "discriminator": d, "model": cfg.model.model_dump(mode="json"),
+        "rollout": cfg.rollout.model_dump(mode="json") if cfg.warmup.negatives == "policy" else None,
+        "data": {"train": data, "format": cfg.data.format, "task": cfg.data.task, "skip_bad": cfg.data.skip_bad,
+                 "skip_missing_references": cfg.align.skip_missing_references},
+        "seed": cfg.train.seed, "processes": world,
+        "files": {**_stat(data), **_stat(cfg.model.path), **_stat(cfg.discriminator.path)},
+    }
+
+
+def _flat(tree, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out or {prefix: tree}
+
+
+def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for every setting or file that differs."""
+    a, b = _flat(saved), _flat(now)
+    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def save_warm_start(accelerator, disc: MoEDiscriminator, metrics: dict, out: Path, fingerprint: dict) -> None:
+    """OUTPUT_DIR/warmup, written into a temporary directory and renamed into place: the discriminator,
+    metrics.json, each process's RNG state (the game continues from it) and fingerprint.json (last)."""
+    tmp, final = out / f".tmp-{WARMUP_DIR}", out / WARMUP_DIR
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        disc.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def reusable_warm_start(cfg: AlignConfig, out: Path, world: int, rank: int) -> Path | None:
+    """OUTPUT_DIR/warmup when a previous run of this output dir finished a warm-start with the same
+    fingerprint; None when there is none, or (with a warning naming every difference) when it was made
+    with other settings or files: it is then done again."""
+    path = out / WARMUP_DIR
+    if not path.is_dir():
+        return None
+    try:
+        saved = json.loads((path / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        log.warning("%s has no readable %s (made by an older prism, or unfinished): warming up again",
+                    path, FINGERPRINT_FILE)
+        return None
+    changes = fingerprint_changes(saved, warmup_fingerprint(cfg, world))
+    if changes:
+        log.warning("%s was made with other settings or files; warming up again. Changed: %s", path,
+                    "; ".join(changes))
+        return None
+    if not (path / "metrics.json").is_file() or not (path / f"rng_state_{rank}.pt").is_file():
+        log.warning("%s is incomplete: warming up again", path)
+        return None
+    return path
+
+
+def restore_warm_start_rng(path: Path, rank: int) -> None:
+    """Continue from the RNG state the warm-start ended with, as the run that did it continued."""
+    set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=False))

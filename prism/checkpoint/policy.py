@@ -21,6 +21,7 @@ from prism.checkpoint.atomic import load_trainer_state, save_checkpoint
 from prism.core.config import save_config
 from prism.core.errors import RunError
 from prism.dist.accelerator import is_deepspeed, is_fsdp
+from prism.dist.optim import set_base_lr
 from prism.models.loader import is_fully_sharded
 
 log = logging.getLogger("prism")
@@ -67,8 +68,9 @@ def save_policy_checkpoint(cfg, accelerator: Accelerator, step: int, model, proc
 DEEPSPEED_DIR = "deepspeed"
 
 
-def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None) -> dict:
-    """Load optimizer / scheduler / RNG state of a checkpoint; returns its trainer state.
+def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None, lr: float | None = None) -> dict:
+    """Load optimizer / scheduler / RNG state of a checkpoint; returns its trainer state. With `lr` (the run's
+    `optim.lr`) a learning rate changed since the checkpoint takes effect, with a warning.
 
     Under DeepSpeed (`model` is its engine) the optimizer states are the engine's sharded
     checkpoint, which needs the same number of processes as the run that wrote it.
@@ -94,6 +96,9 @@ def restore_optimizer(ckpt: Path, optimizer, scheduler, rank: int, model=None) -
         else:
             optimizer.load_state_dict(saved)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    if lr is not None and (saved_lr := set_base_lr(optimizer, scheduler, lr)) is not None:
+        log.warning("optim.lr: %g in %s, %g now: the resumed run continues its schedule with %g", saved_lr, ckpt,
+                    lr, lr)
     state = load_trainer_state(ckpt, rank)
     log.info("resumed from %s at step %d", ckpt, state["step"])
     return state

@@ -91,6 +91,10 @@ class OptimSettings(Section):
     """Fraction of `train.max_steps` spent in linear warm-up."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
+    max_param_change: float | None = Field(1.0, gt=0)
+    """Stop the run, before the step is saved, when one optimizer step changes the norm of the trainable
+    parameters by more than this fraction of it (|‖θ'‖ − ‖θ‖| / ‖θ‖; healthy steps: well under 0.01; a far
+    too high learning rate: ≫ 1). Guards every trained model of the run (the discriminator too). null: off."""
 
 
 class RunSettings(Section):
@@ -105,7 +109,10 @@ class RunSettings(Section):
     keep_last: int = Field(2, gt=0)
     """Keep this many most recent checkpoints."""
     resume: str = "auto"
-    """auto: the latest complete checkpoint in output_dir, if any; none: start fresh; or a checkpoint path."""
+    """auto: the newest checkpoint in output_dir that loads, if any; none: start fresh; or a checkpoint path."""
+    overwrite: bool = False
+    """Let a fresh run (or one resumed from a checkpoint path) delete the checkpoints and logs of another run
+    in output_dir. Without it such a start stops with one line: an output dir holds one run."""
     log_every: int = Field(1, gt=0)
     cpu: bool = False
     """Force CPU even when a GPU is visible."""

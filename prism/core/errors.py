@@ -5,7 +5,6 @@ go on exit 1."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -20,14 +19,24 @@ class RunError(RuntimeError):
     """A run that cannot go on; the message says why and what to change."""
 
 
-class NonFiniteLossError(RunError):
-    """A NaN/inf loss or gradient: the run stops without saving, keeping the last good checkpoint."""
+class TrainingStopped(RunError):
+    """A step that went wrong (a NaN, a blown-up update): the run stops before the step's state is saved.
+    The stage's `train` adds which checkpoint is the last good one (`prism.loop.run.names_last_checkpoint`)."""
 
 
-def check_finite(step: int, out: str | Path, **values: float) -> None:
-    """Raise NonFiniteLossError naming every non-finite value of `values` (e.g. loss=..., grad_norm=...)."""
+class NonFiniteLossError(TrainingStopped):
+    """A NaN/inf loss, gradient or parameter."""
+
+
+class DivergenceError(TrainingStopped):
+    """A finite update that blew up (`optim.max_param_change`), or a player that collapsed."""
+
+
+def check_finite(step: int | str, hint: str, **values: float) -> None:
+    """Raise NonFiniteLossError naming every non-finite value of `values` (e.g. loss=..., grad_norm=...);
+    `hint` is the setting most likely at fault, e.g. "optim.lr (now 0.001)"."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         what = ", ".join(f"{k} {v}" for k, v in bad.items())
-        raise NonFiniteLossError(f"non-finite {what} at step {step}; stopping without saving — the last good "
-                                 f"checkpoint in {out} is kept (try a lower optim.lr)")
+        where = f"step {step}" if isinstance(step, int) else step
+        raise NonFiniteLossError(f"non-finite {what} at {where} (check {hint})")

@@ -19,6 +19,21 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, *, betas=(0.9, 0
     return optimizer, schedule
 
 
+def set_base_lr(optimizer, scheduler, lr: float) -> float | None:
+    """Make `lr` the base learning rate of a restored optimizer and schedule, keeping the schedule's position:
+    loading their state brings the saved base back, which would silently override a learning rate changed for
+    the resumed run. Returns the saved base when it differed (None: unchanged)."""
+    saved = scheduler.base_lrs[0]
+    if saved == lr:
+        return None
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return saved
+
+
 def optimizer_from_config(cfg, params: list[torch.nn.Parameter]):
     """`make_optimizer` with a stage config's `optim.*` and `train.max_steps`."""
     o = cfg.optim

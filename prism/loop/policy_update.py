@@ -54,7 +54,6 @@ def policy_update(
     logprob_token_budget: int | None = None,
     ref_log_probs: torch.Tensor | None = None,
     step: int = 0,
-    out_dir=".",
 ) -> dict[str, float]:
     """Run the clipped update on `rollouts` (N rows) with `advantages` [N]; returns mean metrics
     (token-weighted means of the loss terms; `loss` and `grad_norm` averaged over optimizer steps)."""
@@ -86,13 +85,15 @@ def policy_update(
                     sums[k] = sums.get(k, 0.0) + v * tokens
                 weight += tokens
                 loss_total += loss.item()
-            grad_norm = update.step(step, out_dir, loss=loss_total)
+            grad_norm = update.step(step, loss=loss_total)
             n_opt_steps += 1
             sums["loss"] = sums.get("loss", 0.0) + loss_total
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
     metrics = {k: v / max(weight, 1.0) for k, v in sums.items() if k not in ("loss", "grad_norm")}
     metrics["loss"] = sums.get("loss", 0.0) / max(n_opt_steps, 1)
     metrics["grad_norm"] = sums.get("grad_norm", 0.0) / max(n_opt_steps, 1)
+    if update.max_change:
+        metrics["param_change"] = update.last_change  # of the last optimizer step
     if update.world > 1:  # the loss is each process's share of the global mean; the rest are per-process means
         metrics = reduce_mean(accelerator, metrics)
         metrics["loss"] *= update.world

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from prism.checkpoint import resolve_resume, restore_optimizer, save_policy_checkpoint
+from prism.checkpoint import restore_optimizer, save_policy_checkpoint
 from prism.core.config import load_config
 from prism.core.errors import ConfigError, RunError
 from prism.core.example import Example
@@ -38,7 +38,16 @@ from prism.data.order import batch_indices
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean, replicated_load
 from prism.eval.policy import evaluate
 from prism.loop.policy_update import policy_update
-from prism.loop.run import check_enough, close_run, end_step, load_eval_data, open_logs, setup_run
+from prism.loop.run import (
+    check_enough,
+    claim_output_dir,
+    close_run,
+    end_step,
+    load_eval_data,
+    names_last_checkpoint,
+    open_logs,
+    setup_run,
+)
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
@@ -162,6 +171,7 @@ def reference_log_probs(cfg: RLConfig, reference, rollouts: Rollouts) -> torch.T
                                token_budget=cfg.rollout.logprob_token_budget)[0]
 
 
+@names_last_checkpoint
 def train(cfg: RLConfig) -> dict:
     check_config(cfg)
     # --- build -----------------------------------------------------------------------------
@@ -173,7 +183,7 @@ def train(cfg: RLConfig) -> dict:
     check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", accelerator.num_processes)
     rewards = RewardModel(cfg.reward.functions)
 
-    resume_from = resolve_resume(cfg.train.resume, out)
+    resume_from = claim_output_dir(cfg, accelerator, out)
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     reference = None
     if cfg.algo.kl_coef > 0:  # only then: a frozen copy of the starting policy
@@ -181,13 +191,15 @@ def train(cfg: RLConfig) -> dict:
             reference = load_model(cfg.model, trainable=False, device=accelerator.device).to(accelerator.device)
     optimizer, scheduler = optimizer_from_config(cfg, [p for p in model.parameters() if p.requires_grad])
     model, optimizer, params = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
-    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm)
+    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm,
+                         max_change=cfg.optim.max_param_change)
     backend = make_backend(cfg.rollout.backend, accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 
     start = 0
     if resume_from is not None:
-        state = restore_optimizer(resume_from, optimizer, scheduler, accelerator.process_index, model=model)
+        state = restore_optimizer(resume_from, optimizer, scheduler, accelerator.process_index, model=model,
+                                  lr=cfg.optim.lr)
         start, collector.cursor = state["step"], state["cursor"]
     tracker, bar = open_logs(cfg, accelerator, out, start, f"rl/{cfg.algo.name}")
     metrics: dict[str, float] = {}
@@ -203,7 +215,7 @@ def train(cfg: RLConfig) -> dict:
         actor = policy_update(update, rollouts, advantages, cfg.algo, temperature=cfg.rollout.temperature,
                               logprob_chunk_size=cfg.rollout.logprob_chunk_size,
                               logprob_token_budget=cfg.rollout.logprob_token_budget,
-                              ref_log_probs=reference_log_probs(cfg, reference, rollouts), step=step, out_dir=out)
+                              ref_log_probs=reference_log_probs(cfg, reference, rollouts), step=step)
         scheduler.step()
         metrics.update({f"actor/{k}": v for k, v in actor.items()})
         metrics.update({"time/update": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from prism.checkpoint import resolve_resume, restore_optimizer, save_policy_checkpoint
+from prism.checkpoint import restore_optimizer, save_policy_checkpoint
 from prism.core.batching import token_budget_batches
 from prism.core.config import load_config
 from prism.core.errors import DataError
@@ -36,7 +36,16 @@ from prism.data.order import batch_indices
 from prism.data.packing import pack
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_sum
 from prism.eval.policy import evaluate
-from prism.loop.run import check_enough, close_run, end_step, load_eval_data, open_logs, setup_run
+from prism.loop.run import (
+    check_enough,
+    claim_output_dir,
+    close_run,
+    end_step,
+    load_eval_data,
+    names_last_checkpoint,
+    open_logs,
+    setup_run,
+)
 from prism.losses.sft import head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.logprobs import final_hidden_states, output_head
@@ -86,6 +95,7 @@ def token_nll(cfg: SFTConfig, model, batch: dict[str, torch.Tensor]) -> torch.Te
     return nll
 
 
+@names_last_checkpoint
 def train(cfg: SFTConfig) -> dict:
     # --- build -----------------------------------------------------------------------------
     accelerator, out = setup_run(cfg)
@@ -97,15 +107,17 @@ def train(cfg: SFTConfig) -> dict:
     check_enough(cfg, len(train_data), cfg.train.micro_batch_size, "train.micro_batch_size", world, "examples")
     collate = SFTCollator(processor, cfg.data.max_length)
 
-    resume_from = resolve_resume(cfg.train.resume, out)
+    resume_from = claim_output_dir(cfg, accelerator, out)
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
     optimizer, scheduler = optimizer_from_config(cfg, [p for p in model.parameters() if p.requires_grad])
     model, optimizer, params = prepare(accelerator, model, optimizer, cfg.train.micro_batch_size)
-    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm)
+    update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm,
+                         max_change=cfg.optim.max_param_change, name="model")
 
     start = 0
     if resume_from is not None:
-        start = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model)["step"]
+        start = restore_optimizer(resume_from, optimizer, scheduler, rank, model=model,
+                                  lr=cfg.optim.lr)["step"]
     tracker, bar = open_logs(cfg, accelerator, out, start, "sft")
     metrics: dict[str, float] = {}
 
@@ -126,7 +138,7 @@ def train(cfg: SFTConfig) -> dict:
                 update.backward(nll / n_tokens)
             nll_total += nll.detach()
         loss = reduce_sum(accelerator, nll_total) / n_tokens
-        grad_norm = update.step(step, out, loss=loss)
+        grad_norm = update.step(step, loss=loss)
         scheduler.step()
 
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],

@@ -12,7 +12,9 @@
 Every stage is evaluated on the test split (greedy accuracy per question type, sampled pass@1,
 perception / reasoning error split, drift from the references). A stage whose final checkpoint
 exists is not trained again and an evaluation already on disk is read back, so an interrupted
-pipeline resumes where it stopped. `--full` runs X in {grpo, dapo, gspo}, 3 seeds and the
+pipeline resumes where it stopped; what is reused must have been made with this run's settings (a
+finished stage: its checkpoint's config; the data and the tiny model: a record beside them), or the
+run stops with one line naming the difference. `--full` runs X in {grpo, dapo, gspo}, 3 seeds and the
 `dense`, `text_only`, α = 0 and α = 1 ALIGN ablations, and reports mean ± std over seeds.
 Writes WORKDIR/results.json and WORKDIR/plots/*.png.
 
@@ -47,7 +49,7 @@ from prism.align.config import AlignConfig
 from prism.align.train import check_config as check_align
 from prism.align.train import train as train_align
 from prism.checkpoint import STATE_FILE, checkpoint_dir
-from prism.core.config import ModelSettings, Section, load_config, parse_overrides
+from prism.core.config import ModelSettings, Section, config_changes, load_config, parse_overrides
 from prism.core.errors import ConfigError, RunError
 from prism.core.task import Task, load_task
 from prism.data.formats import load_examples
@@ -163,6 +165,10 @@ def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = 
     return cfg
 
 
+MADE_WITH = "pipeline-made-with.json"
+"""Beside the data and the tiny model the pipeline makes: the settings they were made with."""
+
+
 def _done(cfg) -> Path | None:
     ckpt = checkpoint_dir(cfg.train.output_dir, cfg.train.max_steps)
     return ckpt if (ckpt / STATE_FILE).is_file() else None
@@ -264,13 +270,50 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------ inputs and stages
 
+    def _made(self) -> list[tuple[str, Path, str, dict, Callable[[], None]]]:
+        """What the pipeline makes under workdir unless given: (setting, folder, file that marks it done,
+        the settings it is made with, how to make it)."""
+        t = self.cfg.tiny
+        made = []
+        if not self.cfg.data_dir:
+            made.append(("synth", self.data, "meta.json", {"task": self.cfg.task, "synth": self.cfg.synth},
+                         lambda: self.task.make_data(self.data, self.cfg.synth)))
+        if not self.cfg.model_path:
+            made.append(("tiny", self.model, "config.json", {"tiny": t.model_dump(mode="json")},
+                         lambda: build_tiny(self.model, hidden=t.hidden, layers=t.layers, head_dim=t.head_dim)))
+        return made
+
+    def check_reuse(self, stages: list[Stage]) -> None:
+        """Stop with one line when something already under workdir was made with other settings than this
+        run's: the data (`synth`), the tiny model (`tiny`) or a finished stage (its checkpoint's config.yaml
+        against the stage's config now). Reusing it would mix two runs in one results table."""
+        for key, folder, _, settings, _ in self._made():
+            stamp = folder / MADE_WITH
+            if stamp.is_file():
+                changes = config_changes(json.loads(stamp.read_text()), settings)
+                if changes:
+                    raise ConfigError(f"{key}: {folder} was made with other settings ({'; '.join(changes)}); "
+                                      "choose another workdir, or delete it to make it again")
+        for stage in stages:
+            done = _done(stage.cfg)
+            if done is None or not (done / "config.yaml").is_file():
+                continue
+            changes = config_changes(yaml.safe_load((done / "config.yaml").read_text()),
+                                     stage.cfg.model_dump(mode="json"))
+            if changes:
+                raise ConfigError(f"{stage.name}: {done} was trained with other settings ({'; '.join(changes)}); "
+                                  f"choose another workdir, or delete {stage.cfg.train.output_dir} to train it again")
+
     def prepare(self) -> None:
-        """The task's data and the tiny model under workdir, unless given (data_dir, model_path) or there."""
-        if not self.cfg.data_dir and not (self.data / "meta.json").is_file():
-            self.task.make_data(self.data, self.cfg.synth)
-        if not self.cfg.model_path and not (self.model / "config.json").is_file():
-            t = self.cfg.tiny
-            build_tiny(self.model, hidden=t.hidden, layers=t.layers, head_dim=t.head_dim)
+        """The task's data and the tiny model under workdir, unless given (data_dir, model_path) or there,
+        each with a record of the settings it was made with (`check_reuse`)."""
+        for key, folder, marker, settings, make in self._made():
+            if not (folder / marker).is_file():
+                make()
+            elif not (folder / MADE_WITH).is_file():
+                log.warning("%s: %s has no record of the settings it was made with (an older prism); reusing it "
+                            "as made with this run's %s settings", key, folder, key)
+            (folder / MADE_WITH).write_text(json.dumps(settings, indent=2) + "\n")
 
     def _train(self, stage: Stage) -> Path:
         """The stage's final checkpoint: trained now, or reused when it is already there."""
@@ -319,6 +362,7 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.perf_counter()
         stages = self.plan()  # every stage config, checked before anything is written, built or trained
+        self.check_reuse(stages)  # and nothing already there was made with other settings
         self.work.mkdir(parents=True, exist_ok=True)
         self.prepare()
         rows: dict[str, dict[str, dict]] = {}   # row name -> seed -> evaluation

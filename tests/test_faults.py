@@ -24,7 +24,6 @@ from prism.align.discriminator import CONFIG_FILE
 from prism.align.monitor import CollapseWatch
 from prism.align.warmup import (
     FINGERPRINT_FILE,
-    fingerprint_changes,
     reusable_warm_start,
     warmup_fingerprint,
 )
@@ -33,7 +32,7 @@ from prism.checkpoint.atomic import (
     list_checkpoints,
     save_checkpoint,
 )
-from prism.core.config import load_config
+from prism.core.config import config_changes, load_config
 from prism.core.errors import ConfigError, DivergenceError, RunError
 from prism.rl import train as rl
 from prism.rl.config import RLConfig
@@ -145,8 +144,8 @@ def test_the_fingerprint_names_what_changed(tiny_model_dir, synth_dir, tmp_path)
     a = warmup_fingerprint(_align_cfg(tiny_model_dir, synth_dir, tmp_path), 1)
     b = warmup_fingerprint(_align_cfg(tiny_model_dir, synth_dir, tmp_path, **{"discriminator.lr": 1e-4,
                                                                               "train.max_steps": 9}), 2)
-    assert fingerprint_changes(a, a) == []
-    assert fingerprint_changes(a, b) == ["discriminator.lr: 0.01 -> 0.0001", "processes: 1 -> 2"]  # not max_steps
+    assert config_changes(a, a) == []
+    assert config_changes(a, b) == ["discriminator.lr: 0.01 -> 0.0001", "processes: 1 -> 2"]  # not max_steps
     data = synth_dir / "align.jsonl"
     assert str(data) in a["files"] and a["files"][str(data)][0] == data.stat().st_size
 

@@ -68,6 +68,16 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
         assert 0 < again["timings_s"][stage] <= 1.5 * results["timings_s"][stage] + 1, stage
     assert again["rows"] == json.loads(json.dumps(results["rows"]))
 
+    # a finished stage or generated data made with other settings is never reused silently
+    changed = load_config(PipelineConfig, _config(tmp_path, model_path=str(tiny_model_dir), rl={
+        "config": str(REPO / "configs/rl/demo.yaml"), "overrides": [*SMALL["rl"], "optim.lr=0.5"]}))
+    with pytest.raises(ConfigError, match=r"^rl-sft-grpo/seed0: .*checkpoint-\d+ was trained with other settings "
+                       r"\(optim.lr: .* -> 0.5\); choose another workdir"):
+        Pipeline(changed).run()
+    changed = load_config(PipelineConfig, _config(tmp_path, model_path=str(tiny_model_dir), synth={"n": 30}))
+    with pytest.raises(ConfigError, match=r"^synth: .*data was made with other settings \(synth.n: 24 -> 30\)"):
+        Pipeline(changed).run()
+
     page = render(again, ["plots/accuracy_per_stage.png"], "prism-pipeline --config x.yaml")
     assert "| PRISM+grpo |" in page and "prism-pipeline --config x.yaml" in page and "## Reading" in page
     assert "not measured — no GPU was available" in page

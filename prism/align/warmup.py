@@ -31,6 +31,7 @@ from prism.align.config import AlignConfig
 from prism.align.discriminator import MoEDiscriminator
 from prism.align.losses import COMPONENTS, discriminator_loss
 from prism.checkpoint.atomic import rng_state, set_rng_state
+from prism.core.config import config_changes
 from prism.core.example import Example
 from prism.core.response import parse_response
 from prism.core.rollouts import SamplingParams
@@ -207,21 +208,6 @@ def warmup_fingerprint(cfg: AlignConfig, world: int) -> dict:
     }
 
 
-def _flat(tree, prefix: str = "") -> dict[str, object]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, object] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out or {prefix: tree}
-
-
-def fingerprint_changes(saved: dict, now: dict) -> list[str]:
-    """`key: saved -> now` for every setting or file that differs."""
-    a, b = _flat(saved), _flat(now)
-    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
 def save_warm_start(accelerator, disc: MoEDiscriminator, metrics: dict, out: Path, fingerprint: dict) -> None:
     """OUTPUT_DIR/warmup, written into a temporary directory and renamed into place: the discriminator,
     metrics.json, each process's RNG state (the game continues from it) and fingerprint.json (last)."""
@@ -253,7 +239,7 @@ def reusable_warm_start(cfg: AlignConfig, out: Path, world: int, rank: int) -> P
         log.warning("%s has no readable %s (made by an older prism, or unfinished): warming up again",
                     path, FINGERPRINT_FILE)
         return None
-    changes = fingerprint_changes(saved, warmup_fingerprint(cfg, world))
+    changes = config_changes(saved, warmup_fingerprint(cfg, world))
     if changes:
         log.warning("%s was made with other settings or files; warming up again. Changed: %s", path,
                     "; ".join(changes))

@@ -318,6 +318,21 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise ConfigError(one_line_error(e, origin)) from None
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """`dotted.key: saved -> now` for every leaf of two nested mappings that differs (a missing one: (none))."""
+    a, b = _flat(saved), _flat(now)
+    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def save_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back with `load_config`)."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -19,7 +19,8 @@ labelled token (the positions whose prediction the loss needs), and the frozen v
 2·N_vision per image patch; recomputation (checkpointing) is not counted. The peak is the dense bf16
 figure of the GPU (`--peak-tflops`, or looked up: H100 SXM / H200 989, A100 312).
 
-Rollouts. prism's rollout engine (HF generate, KV cache) on `--gen-prompts` prompts × `--gen-n`
+Rollouts. prism's rollout engine (`--backend`: native, prism's sampler, with `--gen-compile` its compiled
+decode step (CUDA graphs); or hf, transformers' generate) on `--gen-prompts` prompts × `--gen-n`
 samples, `--gen-tokens` new tokens each (EOS suppressed so every sequence runs to the end): generated
 tokens per second, and the ratio to the memory-bandwidth bound of decoding (every step reads the
 weights once: tokens/s ≤ batch × bandwidth / weight bytes).
@@ -160,18 +161,19 @@ def rollout_throughput(model, processor, a) -> dict:
     from PIL import Image
 
     from prism.core.example import Example
-    from prism.rollout.engine import SamplingParams, sample
+    from prism.rollout.engine import SamplingParams, make_backend
 
     rng = np.random.default_rng(0)
     examples = [Example(messages=[{"role": "user", "content": "<image>Describe the picture, then count the red cells."}],
                         images=[Image.fromarray(rng.integers(0, 255, (a.image_px, a.image_px, 3), dtype=np.uint8))])
                 for _ in range(a.gen_prompts)]
     model.eval()
-    sample(model, processor, examples[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=4))  # warm-up
+    backend = make_backend(a.backend, model, processor, a.gen_prompts * a.gen_n, compile=a.gen_compile)
+    # warm-up at the measured batch size (the compiled step compiles / records its graphs here)
+    backend.rollout(examples, SamplingParams(n=a.gen_n, temperature=1.0, max_new_tokens=8))
     sync(a.device)
     t0 = time.perf_counter()
-    r = sample(model, processor, examples, SamplingParams(n=a.gen_n, temperature=1.0, max_new_tokens=a.gen_tokens),
-               chunk_size=a.gen_prompts * a.gen_n)
+    r = backend.rollout(examples, SamplingParams(n=a.gen_n, temperature=1.0, max_new_tokens=a.gen_tokens))
     sync(a.device)
     seconds = time.perf_counter() - t0
     tokens = int(r.response_lengths.sum())
@@ -194,6 +196,8 @@ def main() -> None:
     p.add_argument("--logits-chunk", type=int, default=2048)
     p.add_argument("--skip-rollout", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for the SFT step")
+    p.add_argument("--backend", choices=["native", "hf"], default="native", help="rollout backend")
+    p.add_argument("--gen-compile", action="store_true", help="native: compiled decode step (CUDA graphs)")
     p.add_argument("--gen-prompts", type=int, default=16)
     p.add_argument("--gen-n", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=512)
@@ -232,7 +236,8 @@ def main() -> None:
         print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
               f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
               f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
-        figures.update(rollout_sequences=a.gen_prompts * a.gen_n, rollout_tokens_per_s=gen["tokens_per_s"],
+        figures.update(rollout_backend=a.backend + ("+compile" if a.gen_compile else ""),
+                       rollout_sequences=a.gen_prompts * a.gen_n, rollout_tokens_per_s=gen["tokens_per_s"],
                        rollout_fraction_of_bandwidth_bound=gen["tokens_per_s"] / bound)
     if a.out:
         a.out.write_text(json.dumps(figures, indent=2) + "\n")

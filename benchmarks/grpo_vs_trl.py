@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/grpo_vs_trl.py \
         [--steps 4] [--repeats 2] [--batch 4] [--group 4] [--max-new-tokens 64] [--threads 1] \
-        [--workdir /tmp/grpo-bench]
+        [--backends native,hf] [--compile] [--workdir /tmp/grpo-bench]
 
 What is compared. Both frameworks train the same tiny random Qwen3-VL (built offline with
 `prism.models.tiny.build_tiny`) on the same synthetic image+question RL prompts
@@ -26,7 +26,10 @@ including the first EOS (or `max-new-tokens` tokens if none was sampled), paddin
 over the B x G sequences of a step. prism logs `rollout/length`, the mean of exactly this count
 over the step's sequences; TRL's reward function receives `completion_ids`, the sampled ids already
 cut after the first EOS with padding removed, and sums their lengths. Throughput = generated tokens
-/ step seconds. The last line printed is `throughput ratio prism/trl: X.XX`.
+/ step seconds. The last line printed is `throughput ratio prism/trl: X.XX` for the first of `--backends`
+(prism's rollout backend: `native`, its default, or `hf`, transformers' `generate` as TRL uses); with
+several, each gets its own prism row and ratio. `--compile` compiles the native sampler's decode step
+(`rollout.compile=true`; its compile falls in the warm-up step).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def prepare(workdir: Path, batch: int) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------- prism
 
-def run_prism(a, model_dir: Path, data: Path, out: Path, seed: int) -> list[dict]:
+def run_prism(a, model_dir: Path, data: Path, out: Path, seed: int, backend: str = "native") -> list[dict]:
     """K prism GRPO steps; per step: seconds, generated tokens, generation seconds, grad norm."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resume
     n = a.batch * a.group
@@ -92,7 +95,8 @@ def run_prism(a, model_dir: Path, data: Path, out: Path, seed: int) -> list[dict
         "train.max_steps": a.steps, "train.prompts_per_step": a.batch, "train.seed": seed, "train.save_every": 0,
         "train.resume": "none", "train.cpu": "true", "train.log_every": 1,
         "rollout.group_size": a.group, "rollout.max_new_tokens": a.max_new_tokens,
-        "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0,
+        "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0, "rollout.backend": backend,
+        "rollout.compile": str(a.compile).lower(),
         # One generate call and one forward/backward for the whole batch, as TRL does below.
         "rollout.chunk_size": n, "algo.micro_batch_size": n,
         "algo.name": "grpo", "algo.kl_coef": 0.0, "algo.ppo_epochs": 1, "algo.mini_batches": 1,
@@ -201,7 +205,7 @@ def summary(name: str, steps: list[dict], n: int) -> float:
     toks = sum(s["tokens"] for s in steps)
     gen = sum(s["gen_seconds"] for s in steps)
     tps = toks / secs
-    print(f"{name:<5} {tps:8.1f} generated tokens/s | {secs / len(steps):6.2f} s/step "
+    print(f"{name:<13} {tps:8.1f} generated tokens/s | {secs / len(steps):6.2f} s/step "
           f"(generation {gen / len(steps):5.2f} s, rest {(secs - gen) / len(steps):5.2f} s) | "
           f"{toks / len(steps) / n:5.1f} tokens/sequence | {len(steps)} steps | "
           f"mean grad norm {statistics.fmean(s['grad_norm'] for s in steps):.3g}")
@@ -216,8 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group", type=int, default=4, help="samples per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both frameworks)")
+    p.add_argument("--backends", default="native", help="prism's rollout backend(s), comma-separated: native, hf")
+    p.add_argument("--compile", action="store_true", help="native: compile the decode step (rollout.compile)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/grpo-bench"))
     a = p.parse_args(argv)
+    backends = a.backends.split(",")
+    if not set(backends) <= {"native", "hf"}:
+        p.error(f"--backends: native and/or hf, got {a.backends}")
     if a.steps < 1 or a.repeats < 1 or a.batch < 1 or a.group < 2 or a.max_new_tokens < 1 or a.threads < 1:
         p.error("need --steps, --repeats, --batch, --max-new-tokens, --threads >= 1 and --group >= 2")
     torch.set_num_threads(a.threads)
@@ -228,13 +237,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.steps} steps x {a.repeats} rounds, {torch.get_num_threads()} thread(s), model {model_dir}", flush=True)
 
     skip = 1 if a.steps > 1 else 0  # warm-up step of every run
-    results: dict[str, list[dict]] = {"prism": [], "trl": []}
+    names = [f"prism[{b}]" for b in backends] + ["trl"]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     dataset, trl_error = None, None
     for r in range(a.repeats):
-        for name in ("prism", "trl"):
+        for name in names:
             out = a.workdir / "runs" / f"{name}-r{r}"
-            if name == "prism":
-                steps = run_prism(a, model_dir, data, out, seed=r)
+            if name.startswith("prism"):
+                steps = run_prism(a, model_dir, data, out, seed=r, backend=name[6:-1])
             elif trl_error:
                 continue
             else:
@@ -247,18 +257,19 @@ def main(argv: list[str] | None = None) -> None:
                     continue
             if len(steps) != a.steps:
                 raise RuntimeError(f"{name}: {len(steps)} timed steps recorded, expected {a.steps}")
-            print(f"round {r} {name:<5} s/step " + " ".join(f"{s['seconds']:.2f}" for s in steps)
+            print(f"round {r} {name:<13} s/step " + " ".join(f"{s['seconds']:.2f}" for s in steps)
                   + " | tokens/step " + " ".join(str(s["tokens"]) for s in steps), flush=True)
             results[name] += steps[skip:]
 
-    print(f"\nper framework, {len(results['prism'])} timed steps each"
+    print(f"\nper framework, {len(results['trl'] or results[names[0]])} timed steps each"
           + (" (first step of each run excluded as warm-up)" if skip else "") + ":")
-    prism_tps = summary("prism", results["prism"], n)
+    prism_tps = {name: summary(name, results[name], n) for name in names[:-1]}
     if trl_error or not results["trl"]:
         print(f"TRL could not run, no ratio: {trl_error}")
         return
     trl_tps = summary("trl", results["trl"], n)
-    print(f"throughput ratio prism/trl: {prism_tps / trl_tps:.2f}")
+    for name in reversed(names[:-1]):  # the first backend's ratio is the last line
+        print(f"throughput ratio {'prism' if name == names[0] else name}/trl: {prism_tps[name] / trl_tps:.2f}")
 
 
 if __name__ == "__main__":

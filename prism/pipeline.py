@@ -96,6 +96,8 @@ class PipelineEvalSettings(Section):
     max_new_tokens: int = Field(256, gt=0)
     chunk_size: int = Field(64, gt=0)
     """Sequences per generate call."""
+    backend: Literal["native", "hf"] = "native"
+    """The rollout backend that samples the evaluations (as rollout.backend)."""
 
 
 class PipelineConfig(Section):
@@ -341,7 +343,7 @@ class Pipeline:
         e = self.cfg.eval
         cache = ckpt / "pipeline-eval.json"
         key = {"task": self.cfg.task, "limit": e.limit, "samples": e.samples, "temperature": e.temperature,
-               "max_new_tokens": e.max_new_tokens, "seed": seed}
+               "max_new_tokens": e.max_new_tokens, "seed": seed, "backend": e.backend}
         if cache.is_file():
             cached = json.loads(cache.read_text())
             if cached.get("key") == key:
@@ -352,7 +354,8 @@ class Pipeline:
         embed = load_model(ModelSettings(path=str(self.model)), trainable=False)  # one fixed embedder
         result = evaluate_model(model, load_processor(ckpt), test, samples=e.samples, temperature=e.temperature,
                                 max_new_tokens=e.max_new_tokens, chunk_size=e.chunk_size,
-                                reference=[ex.response for ex in test], embed_model=embed, task=self.task)
+                                reference=[ex.response for ex in test], embed_model=embed, task=self.task,
+                                backend=e.backend)
         cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
         return result
 

@@ -209,7 +209,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     policy, opt_p, params = prepare(accelerator, policy, opt_p, cfg.algo.micro_batch_size)
     game = Players(ModelUpdate(accelerator, policy, opt_p, params, cfg.optim.max_grad_norm,
                                max_change=cfg.optim.max_param_change), sched_p,
-                   make_backend(cfg.rollout.backend, accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size),
+                   make_backend(cfg.rollout.backend, accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size,
+                                compile=cfg.rollout.compile),
                    disc, discriminator_player(cfg, accelerator, disc), placement)
 
     start, metrics = 0, {}

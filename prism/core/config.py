@@ -119,6 +119,8 @@ class RunSettings(Section):
 
 
 class EvalSettings(Section):
+    backend: Literal["native", "hf"] = "native"
+    """The rollout backend of held-out evaluation (as rollout.backend)."""
     every: int = Field(0, ge=0)
     """Evaluate every this many steps (0: only at the end)."""
     chunk_size: int = Field(32, gt=0)
@@ -145,8 +147,13 @@ class OnPolicyRunSettings(RunSettings):
 
 
 class RolloutSettings(Section):
-    backend: Literal["hf"] = "hf"
-    """Which rollout backend samples (prism.rollout.BACKENDS): hf = transformers generate."""
+    backend: Literal["native", "hf"] = "native"
+    """Which rollout backend samples (prism.rollout.BACKENDS): native = prism's sampler (one prefill per
+    prompt, static KV cache; prism.rollout.native), hf = transformers' generate. A model native cannot run
+    (sharded weights) falls back to hf with a warning."""
+    compile: bool = False
+    """native: torch.compile the decode step (CUDA graphs on a GPU). Costs one compile per process and
+    batch-size bucket (~15 s on a CPU for the tiny model); falls back to eager decoding if compiling fails."""
     group_size: int = Field(8, gt=0)
     """Samples per prompt (G); advantages are normalised within each group."""
     max_new_tokens: int = Field(256, gt=0)

@@ -73,7 +73,7 @@ class Rollouts:
     def select(self, rows: Sequence[int] | torch.Tensor) -> "Rollouts":
         """The rows `rows` (in that order), with columns that became all-padding trimmed."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        prompt = _select_prompt(self.prompt, self.images_per_row, rows)
+        prompt = select_prompt_rows(self.prompt, self.images_per_row, rows)
         keep_p = prompt["attention_mask"].any(0)
         first = int(keep_p.nonzero()[0]) if keep_p.any() else 0
         for k in _ROW_KEYS:
@@ -136,7 +136,9 @@ class Rollouts:
         )
 
 
-def _select_prompt(prompt: dict[str, torch.Tensor], images_per_row: torch.Tensor, rows: torch.Tensor) -> dict:
+def select_prompt_rows(prompt: dict[str, torch.Tensor], images_per_row: torch.Tensor, rows: torch.Tensor) -> dict:
+    """The prompt batch of `rows` (in that order, repeats allowed): per-row tensors indexed, and each row's
+    images (image_grid_thw rows, pixel_values patches) gathered with it."""
     out = {k: prompt[k][rows] for k in _ROW_KEYS if k in prompt}
     grid = prompt.get("image_grid_thw")
     if grid is not None:

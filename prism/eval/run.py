@@ -37,17 +37,17 @@ log = logging.getLogger("prism.eval")
 
 def evaluate_model(model, processor, examples: Sequence[Example], *, samples: int = 1, temperature: float = 1.0,
                    max_new_tokens: int = 256, chunk_size: int = 64, reference: Sequence[str] | None = None,
-                   embed_model=None, task: Task | None = None) -> dict:
+                   embed_model=None, task: Task | None = None, backend: str = "native") -> dict:
     """All metrics of one model on `examples`; see the module docstring for the keys."""
     has_truth = any(ex.answer for ex in examples)
     out: dict = {"n": len(examples)}
     greedy = sample(model, processor, examples, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
-                    chunk_size=chunk_size).texts
+                    chunk_size=chunk_size, backend=backend).texts
     sampled = greedy
     if samples > 0 and temperature > 0:
         sampled = sample(model, processor, examples, SamplingParams(max_new_tokens=max_new_tokens,
                                                                     temperature=temperature, n=samples),
-                         chunk_size=chunk_size).texts
+                         chunk_size=chunk_size, backend=backend).texts
     if has_truth:
         out["greedy"] = score_responses(examples, greedy, task)
         expanded = [ex for ex in examples for _ in range(len(sampled) // len(examples))]
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="JSON output (default: MODEL/eval-<data stem>.json)")
     p.add_argument("--task", help="task whose checks to add (caption accuracy, per-group accuracy): grids, or "
                    "module.path:attribute")
+    p.add_argument("--backend", choices=["native", "hf"], default="native",
+                   help="rollout backend: native (prism's sampler) or hf (transformers generate)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     check_flags(a)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                            key="--embed-model").to(device)
     result = evaluate_model(model, processor, examples, samples=a.samples, temperature=a.temperature,
                             max_new_tokens=a.max_new_tokens, chunk_size=a.chunk_size, reference=reference,
-                            embed_model=embed, task=task)
+                            embed_model=embed, task=task, backend=a.backend)
     if not reference:
         result["note_drift"] = "no reference responses: drift skipped"
     result.update({"model": str(model_dir), "data": a.data, "samples": a.samples, "temperature": a.temperature})

@@ -38,12 +38,13 @@ def _band(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def pass_rates(model, processor, examples, k: int, params: SamplingParams, chunk: int) -> list[float]:
+def pass_rates(model, processor, examples, k: int, params: SamplingParams, chunk: int,
+               backend: str = "native") -> list[float]:
     """Fraction of k samples whose <answer> is correct, per example."""
     rates = []
     for i in range(0, len(examples), max(1, chunk // k)):
         batch = examples[i: i + max(1, chunk // k)]
-        texts = sample(model, processor, batch, params, chunk_size=chunk).texts
+        texts = sample(model, processor, batch, params, chunk_size=chunk, backend=backend).texts
         correct = torch.tensor(accuracy_reward(texts, [ex for ex in batch for _ in range(k)])).view(len(batch), k)
         rates.extend(correct.mean(1).tolist())
     return rates
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--backend", choices=["native", "hf"], default="native", help="rollout backend")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.k < 1 or a.max_n < 1:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelSettings(path=a.model), trainable=False, device=device, key="--model").to(device)
     params = SamplingParams(n=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens)
-    rates = pass_rates(model, processor, examples, a.k, params, a.chunk_size)
+    rates = pass_rates(model, processor, examples, a.k, params, a.chunk_size, a.backend)
     lo, hi = a.band
     kept = []
     for ex, rate in zip(examples, rates):

@@ -193,7 +193,8 @@ def train(cfg: RLConfig) -> dict:
     model, optimizer, params = prepare(accelerator, model, optimizer, cfg.algo.micro_batch_size)
     update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm,
                          max_change=cfg.optim.max_param_change)
-    backend = make_backend(cfg.rollout.backend, accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size)
+    backend = make_backend(cfg.rollout.backend, accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size,
+                           compile=cfg.rollout.compile)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 
     start = 0

@@ -5,7 +5,15 @@ code in prism that samples from a model; SFT evaluation, ALIGN and RL all call i
 """
 
 from prism.core.rollouts import Rollouts, SamplingParams
-from prism.rollout.engine import BACKENDS, HFBackend, RolloutBackend, make_backend, sample, sample_texts
+from prism.rollout.engine import (
+           BACKENDS,
+           HFBackend,
+           RolloutBackend,
+           make_backend,
+           sample,
+           sample_texts,
+)
+from prism.rollout.native import NativeBackend
 
-__all__ = ["BACKENDS", "HFBackend", "RolloutBackend", "Rollouts", "SamplingParams", "make_backend", "sample",
-           "sample_texts"]
+__all__ = ["BACKENDS", "HFBackend", "NativeBackend", "RolloutBackend", "Rollouts", "SamplingParams", "make_backend",
+           "sample", "sample_texts"]

@@ -8,7 +8,8 @@ Rollouts of one prompt are contiguous (row i belongs to prompt i // n). A backen
 into `Rollouts` (`prism.core.rollouts`); `HFBackend` uses transformers' `generate` (KV cache,
 left-padded prompts, `chunk_size` sequences at a time to bound memory). The trainers only see the
 `RolloutBackend` protocol (`rollout` + `sync_weights`), built by `make_backend` from the config's
-`rollout.backend`, so another backend (vLLM, a native sampler) plugs in without touching them.
+`rollout.backend`: `native` (`prism.rollout.native`: one prefill per prompt, a static KV cache, the
+default) or `hf`; another backend (vLLM) plugs in without touching them.
 
 `log_probs` are the sampling policy's log-probs of the sampled tokens under the
 temperature-scaled distribution softmax(logits / T), recorded during generation without keeping
@@ -23,6 +24,7 @@ the log-prob function excludes them too, so both describe the distribution actua
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, Sequence
 
 import torch
@@ -32,6 +34,10 @@ from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams
 from prism.data.collate import encode_prompts
 from prism.models.loader import is_fully_sharded
+from prism.rollout.ids import eos_ids, vision_ids
+from prism.rollout.native import NativeBackend, supports_native
+
+log = logging.getLogger("prism.rollout")
 
 
 class RolloutBackend(Protocol):
@@ -79,17 +85,10 @@ class HFBackend:
         self.model = model
 
     def _vision_ids(self) -> list[int]:
-        """Vision placeholder tokens: a sampled one would be read as an image slot by the next forward."""
-        cfg = getattr(self.model, "config", None)
-        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-        return sorted({i for i in (getattr(cfg, n, None) for n in names) if isinstance(i, int)})
+        return vision_ids(self.model)
 
     def _eos_ids(self) -> list[int]:
-        ids = {self.processor.tokenizer.eos_token_id}
-        gen = getattr(self.model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None)
-        ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
-        return sorted(i for i in ids if i is not None)
+        return eos_ids(self.model, self.processor)
 
     @torch.no_grad()
     def rollout(self, examples: Sequence[Example], params: SamplingParams) -> Rollouts:
@@ -161,21 +160,34 @@ class HFBackend:
         )
 
 
-BACKENDS = {"hf": HFBackend}
-"""`rollout.backend` name -> backend class (constructed as `cls(model, processor, chunk_size)`)."""
+BACKENDS = {"hf": HFBackend, "native": NativeBackend}
+_WARNED: set[str] = set()
+"""`rollout.backend` name -> backend class (constructed by `make_backend`)."""
 
 
-def make_backend(name: str, model: torch.nn.Module, processor, chunk_size: int = 64) -> RolloutBackend:
-    """The rollout backend `name` (config key `rollout.backend`) sampling from `model`."""
+def make_backend(name: str, model: torch.nn.Module, processor, chunk_size: int = 64,
+                 compile: bool = False) -> RolloutBackend:
+    """The rollout backend `name` (config key `rollout.backend`) sampling from `model`. `compile`: the native
+    sampler's compiled decode step (`rollout.compile`). A model the native sampler cannot run (sharded
+    weights, another architecture) is sampled by the HF backend, with a warning saying why."""
+    if name == "native":
+        why = supports_native(model)
+        if why is None:
+            return NativeBackend(model, processor, chunk_size, compile=compile)
+        if why not in _WARNED:  # once per reason (evaluation builds a backend per call)
+            _WARNED.add(why)
+            log.warning("rollout.backend=native: %s; sampling with the hf backend instead", why)
+        name = "hf"
     return BACKENDS[name](model, processor, chunk_size)
 
 
-def sample(model, processor, examples: Sequence[Example], params: SamplingParams, chunk_size: int = 64) -> Rollouts:
-    """Sample `params.n` responses per example with the HF backend."""
-    return HFBackend(model, processor, chunk_size).rollout(examples, params)
+def sample(model, processor, examples: Sequence[Example], params: SamplingParams, chunk_size: int = 64,
+           backend: str = "hf") -> Rollouts:
+    """Sample `params.n` responses per example with the backend named `backend`."""
+    return make_backend(backend, model, processor, chunk_size).rollout(examples, params)
 
 
 def sample_texts(model, processor, examples: Sequence[Example], params: SamplingParams,
-                 chunk_size: int = 32) -> list[str]:
+                 chunk_size: int = 32, backend: str = "hf") -> list[str]:
     """Response texts only (evaluation): one per example and sample, in order."""
-    return sample(model, processor, examples, params, chunk_size=chunk_size).texts
+    return sample(model, processor, examples, params, chunk_size=chunk_size, backend=backend).texts

@@ -25,7 +25,7 @@ setup:
 
 # The demo runs alone, so it may use both cores (tests and benchmarks keep one thread), with OpenMP threads
 # that spin between parallel regions: PASSIVE (right for the tests, where processes share the cores) makes
-# the same demo 1.6x slower (14.6 instead of 9.0 min; identical results).
+# the same demo 1.6x slower (14.6 instead of 9.0 min, measured before the native sampler; identical results).
 demo: setup
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=ACTIVE prism-pipeline --config configs/demo/pipeline.yaml
 

@@ -225,3 +225,11 @@ def test_a_model_the_native_sampler_cannot_run_is_sampled_by_hf(model, tiny_proc
     assert isinstance(backend, HFBackend)
     assert "rollout.backend=native: Opaque has no model.language_model.layers" in caplog.text
     assert isinstance(make_backend("native", model, tiny_processor), NativeBackend)
+    text_config = model.model.language_model.config
+    text_config.use_sliding_window = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="prism.rollout"):
+            assert isinstance(make_backend("native", model, tiny_processor), HFBackend)
+        assert "sliding-window attention" in caplog.text
+    finally:
+        text_config.use_sliding_window = False

@@ -70,8 +70,10 @@ def supports_native(model: torch.nn.Module) -> str | None:
     if not all(hasattr(layer, p) for p in parts) or not all(
             hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
         return f"{type(layer).__name__} is not a decoder layer the native sampler knows"
-    if not hasattr(lm.rotary_emb, "inv_freq"):
+    if not hasattr(getattr(lm, "rotary_emb", None), "inv_freq"):
         return "its rotary embedding has no inv_freq"
+    if getattr(lm.config, "use_sliding_window", False):
+        return "it uses sliding-window attention, which the native decode step does not implement"
     return None
 
 

@@ -1,5 +1,6 @@
-"""Loaders for sharegpt JSON/JSONL, verl Parquet and prism JSONL; the sharegpt writer."""
+"""Loaders for sharegpt JSON/JSONL, verl Parquet, prism JSONL and LLaMA-Factory dataset_info.json; the sharegpt writer."""
 
+import base64
 import io
 import json
 import warnings
@@ -12,7 +13,7 @@ from PIL import Image
 
 from prism.core.errors import DataError
 from prism.core.example import load_image
-from prism.data.formats import load_examples, save_sharegpt_jsonl
+from prism.data.formats import load_dataset_info, load_examples, save_sharegpt_jsonl
 
 
 def make_png(path: Path, color: tuple[int, int, int]) -> Path:
@@ -387,3 +388,235 @@ def test_limit_keeps_first_valid_examples_and_stops_reading(image_dir):
         examples = load_examples(path, skip_bad=True, limit=2)
     assert [e.source for e in examples] == [f"{path}:1", f"{path}:3"]
     assert len(load_examples(path, limit=1)) == 1  # the bad line 2 is never reached
+
+
+# ----------------------------------------------------------------------------- content parts
+
+
+def test_content_parts_in_both_styles_carry_images_in_order(tmp_path):
+    make_png(tmp_path / "imgs" / "a.png", RED)
+    make_png(tmp_path / "imgs" / "b.png", BLUE)
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(BLUE)).decode()
+    path = write_jsonl(tmp_path / "parts.jsonl", [
+        {"messages": [  # LLaMA-Factory's newer {"type", "value"} parts
+            {"role": "user", "content": [{"type": "text", "value": "Left "}, {"type": "image", "value": "imgs/a.png"},
+                                         {"type": "text", "value": " right "},
+                                         {"type": "image_url", "value": "imgs/b.png"}, {"type": "text", "value": "?"}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "<answer>no</answer>"}]},
+        ]},
+        {"messages": [  # OpenAI-style parts: image_url {url}, a data URL, and a bare image with `images`
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "imgs/b.png"}},
+                                         {"type": "image_url", "image_url": {"url": data_url}},
+                                         {"type": "text", "text": "Same?"}]},
+        ]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Red?"}]}],
+         "images": ["imgs/a.png"]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "value": "imgs/b.png"}, {"type": "text", "text": "q"}]}],
+         "images": ["imgs/a.png"]},  # the record's own images win when the counts agree
+    ])
+
+    first, second, third, fourth = load_examples(path)
+
+    assert first.messages == [
+        {"role": "user", "content": "Left <image> right <image>?"},
+        {"role": "assistant", "content": "<answer>no</answer>"},
+    ]
+    assert first.images == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.png")]
+    assert second.messages == [{"role": "user", "content": "<image><image>Same?"}]
+    assert [pixels(r) for r in second.images] == [pixels(tmp_path / "imgs" / "b.png"), pixels(png_bytes(BLUE))]
+    assert third.messages[0]["content"] == "<image>Red?" and third.images == [str(tmp_path / "imgs" / "a.png")]
+    assert fourth.images == [str(tmp_path / "imgs" / "a.png")] and fourth.meta == {}
+
+
+@pytest.mark.parametrize("content, problem", [
+    ([{"type": "text", "value": "q"}, {"type": "video", "value": "v.mp4"}], "videos are not supported yet (content part of type 'video'"),
+    ([{"type": "audio", "value": "a.wav"}], "content part of type 'audio'"),
+    ([{"type": "hologram"}], "content part of type 'hologram'"),
+    (["plain string part"], "content part that is a str"),
+    ([{"type": "image", "value": "https://example.com/a.png"}], "remote image 'https://example.com/a.png'"),
+    ([{"type": "image", "value": "ok.png"}, {"type": "image", "value": "ok.png"}], "2 image part(s) carry an image but `images` lists 1"),
+])
+def test_unusable_content_parts_are_one_line_errors(image_dir, content, problem):
+    bad = {"messages": [{"role": "user", "content": content}], "images": ["ok.png"]}
+    if "carry" not in problem:
+        bad.pop("images")
+    path = write_jsonl(image_dir / "parts.jsonl", [GOOD, bad])
+    with pytest.raises(DataError) as error:
+        load_examples(path)
+    assert_one_line_error(error, f"{path}:2: ", problem)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"messages": [{"role": "user", "content": "<video>What happens?"}], "videos": ["v.mp4"]}, "(record key `videos`)"),
+    ({"messages": [{"role": "user", "content": "<video>What happens?"}]}, "(<video> placeholder in message 0)"),
+    ({"conversations": [{"from": "human", "value": "<image><video>?"}], "images": ["ok.png"]}, "<video> placeholder"),
+])
+def test_videos_are_refused_not_trained_on_as_text(image_dir, bad, problem):
+    path = write_jsonl(image_dir / "mllm_video_demo.jsonl", [bad])
+    with pytest.raises(DataError) as error:
+        load_examples(path)
+    assert_one_line_error(error, f"{path}:1: ", "videos are not supported yet")
+    assert problem in str(error.value)
+
+
+# ----------------------------------------------------------------------------- LLaMA-Factory dataset_info.json
+
+
+def write_dataset_dir(root: Path) -> Path:
+    """A LLaMA-Factory data folder: dataset_info.json, data files, and images under media/."""
+    media = root / "media"
+    make_png(media / "coco" / "a.png", RED)
+    make_png(media / "coco" / "b.png", BLUE)
+    data = root / "data"
+    data.mkdir(parents=True)
+    (data / "llava.json").write_text(json.dumps([  # LLaVA-style: one `image` string, from/value turns
+        {"id": "x1", "image": "coco/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
+    ]))
+    write_jsonl(data / "openai.jsonl", [{  # custom tags: OpenAI-like role/content turns
+        "chat": [{"role": "sys", "text": "Be brief."}, {"role": "me", "text": "<image><image>Same?"},
+                 {"role": "bot", "text": "no"}],
+        "pics": ["coco/a.png", "coco/b.png"], "answer": "no"}])
+    write_jsonl(data / "alpaca.jsonl", [{
+        "instruction": "<image>Count the stars.", "input": "Answer with a number.", "output": "3",
+        "history": [["Hi", "Hello"]], "img": ["coco/b.png"], "sys": "Think.", "tools": "[]", "level": 2}])
+    write_jsonl(data / "video.jsonl", [{"messages": [{"role": "user", "content": "<video>?"}], "videos": ["v.mp4"]}])
+    (root / "dataset_info.json").write_text(json.dumps({
+        "llava": {"file_name": "data/llava.json", "formatting": "sharegpt", "columns": {"images": "image"}},
+        "openai_style": {
+            "file_name": "data/openai.jsonl", "formatting": "sharegpt",
+            "columns": {"messages": "chat", "images": "pics"},
+            "tags": {"role_tag": "role", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot",
+                     "system_tag": "sys"},
+        },
+        "alpaca_mm": {"file_name": "data/alpaca.jsonl",  # formatting defaults to alpaca
+                      "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                  "history": "history", "images": "img", "system": "sys", "tools": "tools"}},
+        "video_demo": {"file_name": "data/video.jsonl", "formatting": "sharegpt",
+                       "columns": {"messages": "messages", "videos": "videos"},
+                       "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                "assistant_tag": "assistant"}},
+        "remote": {"hf_hub_url": "BUAADreamer/llava-en-zh-300k", "formatting": "sharegpt"},
+        "odd": {"file_name": "data/llava.json", "formatting": "openai"},
+        "typo": {"file_name": "data/llava.json", "formatting": "sharegpt", "columns": {"imags": "image"}},
+    }, indent=2))
+    return root
+
+
+def test_dataset_info_sharegpt_llava_image_column_and_tags(tmp_path):
+    root = write_dataset_dir(tmp_path / "lf")
+    media = root / "media"
+
+    (llava,) = load_dataset_info(root, "llava", media_dir=media)
+    assert llava.messages == [{"role": "user", "content": "<image>\nWhat colour?"},
+                              {"role": "assistant", "content": "red"}]
+    assert llava.images == [str(media / "coco" / "a.png")] and llava.meta == {"id": "x1"}
+    assert llava.source == f"{root / 'data' / 'llava.json'}:0"
+
+    (chat,) = load_dataset_info(root / "dataset_info.json", "openai_style", media_dir=media)
+    assert chat.messages == [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "<image><image>Same?"},
+                             {"role": "assistant", "content": "no"}]
+    assert chat.images == [str(media / "coco" / "a.png"), str(media / "coco" / "b.png")]
+    assert chat.answer == "no" and chat.meta == {}
+
+
+def test_dataset_info_alpaca(tmp_path):
+    root = write_dataset_dir(tmp_path / "lf")
+    (ex,) = load_dataset_info(root, "alpaca_mm", media_dir=root / "media", require_response=True)
+    assert ex.messages == [
+        {"role": "system", "content": "Think."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "<image>Count the stars.\nAnswer with a number."},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert ex.images == [str(root / "media" / "coco" / "b.png")]
+    assert ex.meta == {"tools": "[]", "level": 2}  # tools are kept, not used
+
+
+def test_dataset_by_name_through_load_examples_path_syntax(tmp_path):
+    root = write_dataset_dir(tmp_path / "lf")
+    # Images resolve against the dataset folder by default, so put a copy where it looks.
+    make_png(root / "coco" / "a.png", RED)
+    for spec in (f"{root}#llava", f"{root / 'dataset_info.json'}#llava"):
+        (ex,) = load_examples(spec)
+        assert ex.images == [str(root / "coco" / "a.png")] and ex.response == "red"
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("missing", "no dataset 'missing' (datasets: alpaca_mm, llava, odd, openai_style, remote, typo, video_demo)"),
+    ("remote", "dataset 'remote': `hf_hub_url` is a remote dataset"),
+    ("odd", "dataset 'odd': unknown `formatting` 'openai'"),
+    ("typo", "dataset 'typo': `columns` key 'imags' is not supported"),
+])
+def test_dataset_info_entry_errors_name_the_index_and_key(tmp_path, name, problem):
+    root = write_dataset_dir(tmp_path / "lf")
+    with pytest.raises(DataError) as error:
+        load_examples(f"{root}#{name}")
+    assert_one_line_error(error, f"{root / 'dataset_info.json'}: ", problem)
+
+
+def test_dataset_info_video_entry_is_refused(tmp_path):
+    root = write_dataset_dir(tmp_path / "lf")
+    with pytest.raises(DataError) as error:
+        load_dataset_info(root, "video_demo")
+    assert_one_line_error(error, f"{root / 'data' / 'video.jsonl'}:1: ", "videos are not supported yet (record key `videos`)")
+
+
+def test_dataset_index_given_as_data_file_says_how_to_name_a_dataset(tmp_path):
+    root = write_dataset_dir(tmp_path / "lf")
+    renamed = tmp_path / "index.json"
+    renamed.write_text((root / "dataset_info.json").read_text())
+    for given in (root / "dataset_info.json", root, renamed):
+        with pytest.raises(DataError) as error:
+            load_examples(given)
+        assert_one_line_error(error, f"{given}: ", f"a LLaMA-Factory dataset index (dataset_info.json), not a data file; "
+                                                   f"name one of its datasets as {given}#NAME (datasets: alpaca_mm, llava")
+        assert "invalid JSON" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- verl answers, PRISM alignment Parquet
+
+
+def test_verl_list_ground_truth_and_equivalent_answers(tmp_path):
+    table = pa.Table.from_pylist([
+        {"data_source": "geo3k", "prompt": [{"role": "user", "content": "<image>x?"}], "images": [png_bytes(RED)],
+         "reward_model": {"ground_truth": ["3", "3.0"], "equivalent_answers": ["three"], "style": "rule"}},
+        {"data_source": "geo3k", "prompt": [{"role": "user", "content": "<image>y?"}], "images": [png_bytes(BLUE)],
+         "reward_model": {"ground_truth": ["4"], "equivalent_answers": None, "style": "rule"}},
+    ])
+    pq.write_table(table, tmp_path / "answers.parquet")
+
+    first, second = load_examples(tmp_path / "answers.parquet")
+
+    assert first.answer == "3"
+    assert first.meta == {"data_source": "geo3k", "reward_model": {"style": "rule"}, "equivalent_answers": ["3.0", "three"]}
+    assert first.answers == ["3", "3.0", "three"] and first.data_source == "geo3k"
+    assert second.answer == "4" and "equivalent_answers" not in second.meta and second.answers == ["4"]
+    out = save_sharegpt_jsonl([first, second], tmp_path / "out.jsonl")
+    assert [(e.answer, e.meta) for e in load_examples(out)] == [(first.answer, first.meta), (second.answer, second.meta)]
+
+
+def test_prism_alignment_parquet_with_teacher_columns(tmp_path):
+    def row(i: int, **teacher) -> dict:
+        return {"data_source": "mm_gad", "prompt": [{"role": "user", "content": f"<image>Q{i}"}],
+                "images": [{"bytes": png_bytes(RED), "path": None}], "reward_model": {"ground_truth": str(i)},
+                "teacher_response": None, "teacher_caption": None, "teacher_cot": None, **teacher}
+
+    full = "<caption>a red square</caption><think>count</think><answer>0</answer>"
+    path = tmp_path / "align.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        row(0, teacher_response=full, teacher_caption="a red square", teacher_cot="count"),
+        row(1, teacher_caption="two dots", teacher_cot="1 + 1 = 2, minus one"),
+        row(2, teacher_caption="only a caption"),
+    ]), path)
+
+    first, second, third = load_examples(path, require_answer=True)
+
+    assert first.response == full and first.messages[0] == {"role": "user", "content": "<image>Q0"}
+    assert first.meta == {"data_source": "mm_gad", "teacher_caption": "a red square", "teacher_cot": "count"}
+    assert second.response == "<caption>two dots</caption><think>1 + 1 = 2, minus one</think><answer>1</answer>"
+    assert second.meta == {"data_source": "mm_gad"}
+    assert third.response is None and third.meta == {"data_source": "mm_gad", "teacher_caption": "only a caption"}
+    assert first.data_source == "mm_gad"

@@ -31,7 +31,8 @@ class Example:
         `<image>` placeholder per image, in order, inside user turns.
     images: one ImageRef per placeholder.
     answer: ground-truth final answer (for verifiable rewards / accuracy), if known.
-    meta: anything else the source carried (e.g. the synthetic task's `scene`, `question_type`).
+    meta: anything else the source carried (e.g. the synthetic task's `scene`, `question_type`; verl's
+        `data_source`, `extra_info`; `equivalent_answers`: more accepted answers, see `answers`).
     source: "file:line" (or "file:row") for error messages.
     """
 
@@ -54,6 +55,21 @@ class Example:
         if self.messages and self.messages[-1]["role"] == "assistant":
             return self.messages[-1]["content"]
         return None
+
+    @property
+    def answers(self) -> list[str]:
+        """Every accepted ground truth: `answer`, then `meta["equivalent_answers"]` (verl / PRISM's
+        `reward_model.equivalent_answers`, or the rest of a list ground truth), without repeats."""
+        extra = self.meta.get("equivalent_answers") or []
+        found = [a for a in [self.answer, *(extra if isinstance(extra, list) else [extra])] if a is not None]
+        return list(dict.fromkeys(str(a) for a in found if str(a).strip()))
+
+    @property
+    def data_source(self) -> str | None:
+        """The dataset a row came from (verl's `data_source`), which picks its reward function when
+        `reward.by_data_source` maps it."""
+        value = self.meta.get("data_source")
+        return str(value) if value is not None else None
 
     @property
     def question(self) -> str:

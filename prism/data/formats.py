@@ -4,16 +4,29 @@ Three on-disk formats are read (docs/design.md §7); each has one small parser b
 gives its schema:
 
 - LLaMA-Factory "sharegpt" multimodal JSON (a list) or JSONL (`messages` or `conversations`);
-- verl-style RL Parquet (`prompt`, `images`, `reward_model.ground_truth`), prompt-only;
+  content may be a string or a list of parts (OpenAI-style `{"type": "text", "text"}` /
+  `{"type": "image_url", "image_url": {"url"}}`, or LLaMA-Factory's `{"type": ..., "value"}`);
+- verl-style RL Parquet (`prompt`, `images`, `reward_model.ground_truth`), prompt-only unless the
+  row carries PRISM's `teacher_response` (or `teacher_caption` + `teacher_cot`) columns;
 - prism's own JSONL (`image`/`images`, `question`, `response`, `answer`).
+
+LLaMA-Factory datasets by name: `load_examples("DIR#NAME")` or
+`load_examples("DIR/dataset_info.json#NAME")` (so `data.train=DIR#NAME` in a config) loads entry
+NAME of DIR/dataset_info.json, as does `load_dataset_info(DIR, NAME, media_dir=...)`: its
+`file_name` (JSON, JSONL or Parquet, relative to DIR), `formatting` (sharegpt or alpaca),
+`columns` and `tags` are honoured, and image paths are relative to `media_dir` (default DIR).
+Remote entries (`hf_hub_url`, `ms_hub_url`, `script_url`) and preference data are refused.
 
 Every problem is a `DataError` whose message is one line starting with "file:line" (1-based
 line for JSONL, 0-based record index for a JSON list, 0-based row for Parquet). Images are
 resolved (paths against the data file's directory) and checked here, but decoded only later.
+Videos and audio are refused with one line rather than dropped.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import os
@@ -27,6 +40,23 @@ from prism.core.example import IMAGE_PLACEHOLDER, DataError, Example, ImageRef, 
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 ANSWER_KEYS = ("answer", "ground_truth", "solution")  # sharegpt: the first key present wins
+UNSUPPORTED_MEDIA = ("videos", "video", "audios", "audio")  # record keys refused when non-empty
+TEACHER_KEYS = ("teacher_response", "teacher_caption", "teacher_cot")
+
+DATASET_INFO = "dataset_info.json"
+REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# LLaMA-Factory's defaults, except that `images` / `videos` default to those keys (LLaMA-Factory
+# leaves them unset), so that a record's images are used and its videos refused, never ignored.
+DATASET_COLUMNS = {
+    "sharegpt": {"messages": "conversations", "images": "images", "videos": "videos", "audios": None,
+                 "system": None, "tools": None},
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": None,
+               "images": "images", "videos": "videos", "audios": None, "system": None, "tools": None},
+}
+DATASET_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+
+Parser = Callable[[dict[str, Any], Path, str], Example]
 
 
 def load_examples(
@@ -44,23 +74,106 @@ def load_examples(
     auto looks at the first record: `messages`/`conversations` -> sharegpt, `prompt` -> verl,
     `question` -> prism. With skip_bad, bad examples are dropped with one warning at the end
     instead of raising. `limit` keeps the first `limit` valid examples (and stops reading).
+    `DIR#NAME` or `DIR/dataset_info.json#NAME` loads LLaMA-Factory dataset NAME (see
+    `load_dataset_info`; `format` is then ignored: the entry's `formatting` decides).
     """
     if format not in ("auto", *PARSERS):
         raise ValueError(f"unknown data format {format!r}; expected auto, {', '.join(PARSERS)}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+    options: dict[str, Any] = {"require_response": require_response, "require_answer": require_answer,
+                               "skip_bad": skip_bad, "verify_images": verify_images, "limit": limit}
+    text = str(path)
+    if "#" in text and not Path(text).exists():  # DIR#NAME: a LLaMA-Factory dataset by name
+        index, name = text.rsplit("#", 1)
+        return load_dataset_info(index, name, **options)
     path = Path(path)
+    if path.is_dir() and (path / DATASET_INFO).is_file():
+        raise DataError(_index_hint(path / DATASET_INFO, path))
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
+    if path.name == DATASET_INFO:
+        raise DataError(_index_hint(path, path))
     parse = PARSERS[_detect_format(path) if format == "auto" else format]
+    return _load(path, parse, path.parent, **options)
 
+
+def load_dataset_info(
+    dataset_dir: str | Path,
+    name: str,
+    *,
+    media_dir: str | Path | None = None,
+    require_response: bool = False,
+    require_answer: bool = False,
+    skip_bad: bool = False,
+    verify_images: bool = True,
+    limit: int | None = None,
+) -> list[Example]:
+    """Load dataset `name` of a LLaMA-Factory `dataset_info.json` (`dataset_dir` is its folder or
+    the file itself). Honoured keys of the entry:
+
+        file_name: the data file (JSON, JSONL or Parquet), relative to the dataset folder;
+        formatting: "sharegpt" or "alpaca" (LLaMA-Factory's default);
+        columns: prism field -> the file's column. sharegpt: messages, images, system, videos,
+            tools; alpaca: prompt, query, response, history, images, system, videos, tools. `tools`
+            is kept in meta but not used. A single `image` string column works via {"images": "image"};
+        tags (sharegpt): role_tag, content_tag, user_tag, assistant_tag, system_tag (observation /
+            function turns are refused).
+
+    Image paths are resolved against `media_dir` (default: the dataset folder). Remote entries
+    (hf_hub_url, ms_hub_url, script_url) and `ranking` (preference) entries are one-line errors.
+    """
+    index = Path(dataset_dir)
+    index = index / DATASET_INFO if index.is_dir() else index
+    if not index.is_file():
+        raise DataError(f"{index}: LLaMA-Factory dataset index not found (a dataset is named as DIR#NAME "
+                        f"or DIR/{DATASET_INFO}#NAME)")
+    entries = _read_index(index)
+    if name not in entries:
+        raise DataError(f"{index}: no dataset {name!r} (datasets: {_names(entries)})")
+    entry, where = entries[name], f"{index}: dataset {name!r}"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+    if entry.get("ranking"):
+        raise DataError(f"{where}: `ranking` (preference) datasets are not supported")
+    file_name = entry.get("file_name")
+    if not file_name:
+        remote = next((k for k in REMOTE_KEYS if entry.get(k)), None)
+        if remote:
+            raise DataError(f"{where}: `{remote}` is a remote dataset, which prism does not download (offline); "
+                            "download it and set `file_name`")
+        raise DataError(f"{where}: no `file_name`")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in DATASET_COLUMNS:
+        raise DataError(f"{where}: unknown `formatting` {formatting!r} (expected sharegpt or alpaca)")
+    columns = {**DATASET_COLUMNS[formatting], **_mapping(entry, "columns", DATASET_COLUMNS[formatting], where)}
+    tags = {**DATASET_TAGS, **_mapping(entry, "tags", DATASET_TAGS, where)}
+    data_file = index.parent / str(file_name)
+    if not data_file.is_file():
+        raise DataError(f"{where}: `file_name` {file_name!r} not found (prism reads one file): {data_file}")
+    if data_file.suffix not in (".json", ".jsonl", ".parquet"):
+        raise DataError(f"{where}: `file_name` {file_name!r}: only JSON, JSONL and Parquet files are supported")
+    root = Path(media_dir) if media_dir is not None else index.parent
+
+    def parse(record: dict[str, Any], root: Path, source: str) -> Example:
+        if formatting == "sharegpt":
+            return parse_sharegpt(_from_sharegpt_columns(record, columns, tags, source), root, source)
+        return parse_sharegpt(_from_alpaca_columns(record, columns, source), root, source)
+
+    return _load(data_file, parse, root, require_response, require_answer, skip_bad, verify_images, limit)
+
+
+def _load(
+    path: Path, parse: Parser, root: Path, require_response: bool, require_answer: bool, skip_bad: bool,
+    verify_images: bool, limit: int | None,
+) -> list[Example]:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     examples: list[Example] = []
     n_bad, first_reason = 0, ""
     for source, record in _read_records(path):
         try:
             if isinstance(record, DataError):  # a line that was not a JSON object
                 raise record
-            example = parse(record, path.parent, source)
+            example = parse(record, root, source)
             _validate(example, require_response, require_answer, verify_images)
         except DataError as e:
             if not skip_bad:
@@ -71,10 +184,117 @@ def load_examples(
         if limit is not None and len(examples) >= limit:
             break
     if n_bad:
-        warnings.warn(f"{path}: skipped {n_bad} bad example(s); first: {first_reason}", stacklevel=2)
+        warnings.warn(f"{path}: skipped {n_bad} bad example(s); first: {first_reason}", stacklevel=3)
     if not examples:
         raise DataError(f"{path}: no examples" + (f" ({n_bad} bad ones skipped)" if n_bad else ""))
     return examples
+
+
+# ---------------------------------------------------------------------------------- dataset_info.json
+
+
+def _read_index(index: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{index}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{index}: not UTF-8 text: {e}") from None
+    if not isinstance(entries, dict):
+        raise DataError(f"{index}: expected an object of datasets, got {type(entries).__name__}")
+    return entries
+
+
+def _looks_like_index(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and any(k in v for k in ("file_name", *REMOTE_KEYS)) for v in data.values()
+    )
+
+
+def _names(entries: dict[str, Any]) -> str:
+    names = sorted(entries)
+    return ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+
+
+def _index_hint(index: Path, given: Path) -> str:
+    try:
+        names = f" (datasets: {_names(_read_index(index))})"
+    except DataError:
+        names = ""
+    return (f"{given}: a LLaMA-Factory dataset index (dataset_info.json), not a data file; name one of "
+            f"its datasets as {given}#NAME{names}")
+
+
+def _mapping(entry: dict[str, Any], key: str, known: dict[str, Any], where: str) -> dict[str, Any]:
+    value = entry.get(key) or {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: `{key}` must be an object, got {type(value).__name__}")
+    for k, v in value.items():
+        if k not in known:
+            raise DataError(f"{where}: `{key}` key {k!r} is not supported (expected one of {', '.join(known)})")
+        if v is not None and not isinstance(v, str):
+            raise DataError(f"{where}: `{key}.{k}` must be a string, got {type(v).__name__}")
+    return value
+
+
+def _take_columns(record: dict[str, Any], columns: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """Rename the mapped columns of `record` to prism's field names (sharegpt record keys)."""
+    out = dict(record)
+    for field in fields:
+        column = columns.get(field)
+        if column and column in out:
+            out[field] = out.pop(column)
+    return out
+
+
+def _from_sharegpt_columns(record: dict[str, Any], columns: dict[str, Any], tags: dict[str, Any], source: str
+                           ) -> dict[str, Any]:
+    """A LLaMA-Factory sharegpt record with custom columns / tags -> a plain sharegpt record."""
+    out = dict(record)
+    turns = out.pop(columns["messages"], None)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{source}: column {columns['messages']!r} is not a non-empty list of messages")
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{source}: message {i} is a {type(turn).__name__}, not an object")
+        role = turn.get(tags["role_tag"])
+        if role not in roles:
+            tool = " (observation / function turns are not supported)" if role in (
+                tags["observation_tag"], tags["function_tag"]) else ""
+            raise DataError(f"{source}: unknown role {role!r} in message {i} under {tags['role_tag']!r} "
+                            f"(expected one of {', '.join(map(str, roles))}){tool}")
+        messages.append({"role": roles[role], "content": turn.get(tags["content_tag"])})
+    out = _take_columns(out, columns, ("images", "videos", "audios", "system", "tools"))
+    return {**out, "messages": messages}
+
+
+def _from_alpaca_columns(record: dict[str, Any], columns: dict[str, Any], source: str) -> dict[str, Any]:
+    """A LLaMA-Factory alpaca record -> a sharegpt record: history pairs, then the user turn
+    `prompt` + "\\n" + `query`, then `response` (if any) as the assistant turn."""
+    out, messages = dict(record), []
+    history = out.pop(columns["history"], None) if columns.get("history") else None
+    for pair in history or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(f"{source}: column {columns['history']!r} must hold [query, response] string pairs")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    parts = []
+    for field in ("prompt", "query"):
+        value = out.pop(columns[field], None) if columns.get(field) else None
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{source}: column {columns[field]!r} must be a string, got {type(value).__name__}")
+        parts += [value] if value else []
+    if not parts:
+        raise DataError(f"{source}: no prompt: columns {columns['prompt']!r} / {columns['query']!r} are missing or empty")
+    messages.append({"role": "user", "content": "\n".join(parts)})
+    response = out.pop(columns["response"], None) if columns.get("response") else None
+    if response is not None and not isinstance(response, str):
+        raise DataError(f"{source}: column {columns['response']!r} must be a string, got {type(response).__name__}")
+    if response:
+        messages.append({"role": "assistant", "content": response})
+    out = _take_columns(out, columns, ("images", "videos", "audios", "system", "tools"))
+    return {**out, "messages": messages}
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -97,6 +317,9 @@ def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | DataError]
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         numbered: Iterator[tuple[str, Any]] = ((f"{path}:{i}", r) for i, r in enumerate(records))
     else:  # JSONL: one object per non-blank line
+        first = _parse_line(text.lstrip().split("\n", 1)[0])
+        if _looks_like_index(_parse_line(text) if isinstance(first, Exception) else first):
+            raise DataError(_index_hint(path, path))  # a dataset_info.json under another name
         lines = enumerate(text.splitlines(), 1)
         numbered = ((f"{path}:{n}", _parse_line(line)) for n, line in lines if line.strip())
     for source, record in numbered:
@@ -160,34 +383,64 @@ def parse_sharegpt(record: dict[str, Any], root: Path, source: str) -> Example:
          "system": "optional system prompt", "answer": "optional", ...anything else -> meta}
 
     `conversations` with {"from": "human"|"gpt"|..., "value": ...} items works the same;
-    `ground_truth` or `solution` may stand in for `answer`.
+    `ground_truth` or `solution` may stand in for `answer` (a list: the first element is the
+    answer, the rest go to meta["equivalent_answers"]). Content may be a list of parts (`_messages`).
     """
     record = dict(record)
+    _refuse_media(record, source)
     turns = record.pop("messages") if "messages" in record else record.pop("conversations", None)
-    messages = _messages(turns, source)
+    messages, carried = _messages(turns, source)
     system = record.pop("system", None)
     if system:
         messages.insert(0, {"role": "system", "content": str(system)})
-    images = _images(record.pop("images", None), root, source)
+    images = _merge_images(record.pop("images", None), carried, root, source)
     answer_key = next((k for k in ANSWER_KEYS if k in record), None)
     answer = record.pop(answer_key) if answer_key else None
-    return Example(messages, images, _answer_text(answer), record, source)
+    answer = _answers(answer, record.pop("equivalent_answers", None), record)
+    return Example(messages, images, answer, record, source)
 
 
 def parse_verl(record: dict[str, Any], root: Path, source: str) -> Example:
     """verl RL row (prompt-only, no assistant turn):
 
         prompt: [{"role": "user", "content": "<image>..."}], images: [{"bytes", "path"} | path | bytes],
-        reward_model: {"ground_truth": ..., "style": ...}, data_source, extra_info, ... -> meta
+        reward_model: {"ground_truth": str | [str, ...], "equivalent_answers": [...], "style": ...},
+        data_source, extra_info, ... -> meta
+
+    A list ground truth gives `answer` = its first element; the rest and `equivalent_answers` go
+    to meta["equivalent_answers"]. PRISM's alignment Parquet adds teacher columns: a full
+    `teacher_response` becomes the assistant turn; failing that, `teacher_caption` + `teacher_cot`
+    make `<caption>…</caption><think>…</think><answer>{ground truth}</answer>`. Unused teacher_*
+    columns go to meta.
     """
     record = dict(record)
-    messages = _messages(record.pop("prompt", None), source)
-    images = _images(record.pop("images", None), root, source)
+    _refuse_media(record, source)
+    messages, carried = _messages(record.pop("prompt", None), source)
+    images = _merge_images(record.pop("images", None), carried, root, source)
     reward_model = dict(record.pop("reward_model", None) or {})
-    answer = reward_model.pop("ground_truth", None)
+    answer = _answers(reward_model.pop("ground_truth", None), reward_model.pop("equivalent_answers", None), record)
     if reward_model:  # e.g. {"style": "rule"}: keep what is not the answer
         record["reward_model"] = reward_model
-    return Example(messages, images, _answer_text(answer), record, source)
+    reference = _teacher_reference(record, answer)
+    if reference is not None:
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{source}: prompt already ends with an assistant turn; cannot add the teacher reference")
+        messages.append({"role": "assistant", "content": reference})
+    return Example(messages, images, answer, record, source)
+
+
+def _teacher_reference(record: dict[str, Any], answer: str | None) -> str | None:
+    """Pop the teacher columns that make the reference response; drop empty ones; keep the rest."""
+    teacher = {k: record.pop(k) for k in TEACHER_KEYS if k in record}
+    response, caption, cot = (teacher.get(k) for k in TEACHER_KEYS)
+    reference = None
+    if isinstance(response, str) and response.strip():
+        reference = str(teacher.pop("teacher_response"))
+    elif isinstance(caption, str) and isinstance(cot, str) and caption.strip() and cot.strip() and answer:
+        reference = f"<caption>{teacher.pop('teacher_caption')}</caption><think>{teacher.pop('teacher_cot')}</think>"
+        reference += f"<answer>{answer}</answer>"
+    record.update({k: v for k, v in teacher.items() if v is not None})
+    return reference
 
 
 def parse_prism(record: dict[str, Any], root: Path, source: str) -> Example:
@@ -199,6 +452,7 @@ def parse_prism(record: dict[str, Any], root: Path, source: str) -> Example:
     One `<image>` per image is prepended to the question unless it already has placeholders.
     """
     record = dict(record)
+    _refuse_media(record, source)
     refs = record.pop("images") if "images" in record else record.pop("image", None)
     images = _images(refs, root, source)
     question = record.pop("question", None)
@@ -210,22 +464,25 @@ def parse_prism(record: dict[str, Any], root: Path, source: str) -> Example:
     response = record.pop("response", None)
     if response is not None:
         messages.append({"role": "assistant", "content": str(response)})
-    return Example(messages, images, _answer_text(record.pop("answer", None)), record, source)
+    answer = _answers(record.pop("answer", None), record.pop("equivalent_answers", None), record)
+    return Example(messages, images, answer, record, source)
 
 
-PARSERS: dict[str, Callable[[dict[str, Any], Path, str], Example]] = {
+PARSERS: dict[str, Parser] = {
     "sharegpt": parse_sharegpt,
     "verl": parse_verl,
     "prism": parse_prism,
 }
 
 
-def _messages(turns: Any, source: str) -> list[dict[str, str]]:
-    """Normalise {role, content} / {from, value} turns; content may also be a list of
-    OpenAI-style parts ({"type": "text", "text"} / {"type": "image"})."""
+def _messages(turns: Any, source: str) -> tuple[list[dict[str, str]], list[Any]]:
+    """Normalise {role, content} / {from, value} turns. Content may also be a list of parts:
+    text ({"type": "text", "text" | "value": str}) and images ({"type": "image"} or
+    {"type": "image" | "image_url", "value" | "image" | "image_url": path | URL | bytes | {"url"}}).
+    An image part becomes an `<image>` placeholder; the images parts carry are returned, in order."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{source}: expected a non-empty list of messages, got {type(turns).__name__}")
-    messages = []
+    messages, carried = [], []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise DataError(f"{source}: message {i} is a {type(turn).__name__}, not an object")
@@ -235,29 +492,71 @@ def _messages(turns: Any, source: str) -> list[dict[str, str]]:
             expected = ", ".join(ROLES)
             raise DataError(f"{source}: unknown role {role!r} in message {i} (expected one of {expected})")
         if isinstance(content, list):
-            content = "".join(
-                IMAGE_PLACEHOLDER if p.get("type") == "image" else str(p.get("text") or "") for p in content
-            )
+            content = "".join(_part_text(part, i, source, carried) for part in content)
         if not isinstance(content, str):
             raise DataError(f"{source}: message {i} has no string content (got {type(content).__name__})")
         messages.append({"role": ROLES[role], "content": content})
-    return messages
+    return messages, carried
+
+
+def _part_text(part: Any, i: int, source: str, carried: list[Any]) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            raise DataError(f"{source}: message {i} has a text part without a string `text`/`value`")
+        return text
+    if kind in ("image", "image_url"):
+        ref = part.get("value", part.get(kind))
+        ref = ref.get("url") if isinstance(ref, dict) and "url" in ref else ref
+        if ref is not None:
+            carried.append(ref)
+        return IMAGE_PLACEHOLDER
+    if isinstance(kind, str) and kind.startswith("video"):
+        raise DataError(f"{source}: videos are not supported yet (content part of type {kind!r} in message {i})")
+    what = f"of type {kind!r}" if isinstance(part, dict) else f"that is a {type(part).__name__}"
+    raise DataError(f"{source}: message {i} has a content part {what}, which prism cannot use "
+                    "(expected text, image or image_url)")
+
+
+def _merge_images(listed: Any, carried: list[Any], root: Path, source: str) -> list[ImageRef]:
+    """The record's `images`, or else the images its content parts carry; if both, counts must agree."""
+    images = _images(listed, root, source)
+    if carried and images and len(carried) != len(images):
+        raise DataError(f"{source}: {len(carried)} image part(s) carry an image but `images` lists {len(images)}")
+    return images or _images(carried, root, source)
+
+
+def _refuse_media(record: dict[str, Any], source: str) -> None:
+    """Videos / audio are refused, never dropped: prism trains on images only (so far)."""
+    for key in UNSUPPORTED_MEDIA:
+        if record.pop(key, None) not in (None, [], ""):
+            kind = "videos" if key.startswith("video") else "audio"
+            raise DataError(f"{source}: {kind} are not supported yet (record key `{key}`); use image data")
 
 
 def _images(refs: Any, root: Path, source: str) -> list[ImageRef]:
-    """Resolve image entries: paths (against `root`), bytes, {"bytes", "path"} dicts, PIL images."""
+    """Resolve image entries: paths (against `root`; `file://` and base64 `data:` URLs too), bytes,
+    {"bytes", "path"} dicts, PIL images. Remote URLs are refused (no downloads)."""
     if refs is None:
         return []
     out: list[ImageRef] = []
-    for ref in refs if isinstance(refs, list) else [refs]:
+    for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
         if isinstance(ref, dict):  # how `datasets` stores an Image feature
             ref = ref.get("bytes") or ref.get("path")
         if isinstance(ref, (bytes, bytearray)):
             out.append(bytes(ref))
         elif isinstance(ref, Image.Image):
             out.append(ref)
+        elif isinstance(ref, str) and ref.startswith("data:"):
+            try:
+                out.append(base64.b64decode(ref.split(",", 1)[1], validate=True))
+            except (IndexError, binascii.Error):
+                raise DataError(f"{source}: image data URL is not valid base64") from None
+        elif isinstance(ref, str) and "://" in ref and not ref.startswith("file://"):
+            raise DataError(f"{source}: remote image {ref[:100]!r} is not downloaded (offline); use a local path")
         elif isinstance(ref, str) and ref:
-            path = Path(ref).expanduser()
+            path = Path(ref.removeprefix("file://")).expanduser()
             path = path if path.is_absolute() else root / path
             if not path.is_file():
                 raise DataError(f"{source}: image file not found: {path}")
@@ -267,8 +566,22 @@ def _images(refs: Any, root: Path, source: str) -> list[ImageRef]:
     return out
 
 
+def _answers(answer: Any, alternatives: Any, meta: dict[str, Any]) -> str | None:
+    """The answer as text; a list answer gives its first element, and the rest plus
+    `alternatives` go to meta["equivalent_answers"] (a list of strings)."""
+    extra: list[Any] = []
+    if isinstance(answer, (list, tuple)):
+        answer, extra = (answer[0] if answer else None), list(answer[1:])
+    if alternatives is not None:
+        extra += list(alternatives) if isinstance(alternatives, (list, tuple)) else [alternatives]
+    texts = [_answer_text(a) for a in extra if a is not None]
+    if texts:
+        meta["equivalent_answers"] = texts
+    return _answer_text(answer)
+
+
 def _answer_text(answer: Any) -> str | None:
-    """Ground truth as text: strings unchanged, numbers / lists as JSON (3 -> "3")."""
+    """Ground truth as text: strings unchanged, numbers / dicts as JSON (3 -> "3")."""
     return answer if answer is None or isinstance(answer, str) else json.dumps(answer)
 
 
@@ -284,6 +597,10 @@ def _validate(example: Example, require_response: bool, require_answer: bool, ve
             role = message["role"]
             raise DataError(f"{source}: {IMAGE_PLACEHOLDER} placeholder outside a user turn (message {i}: {role})")
         n_placeholders += count
+        for tag in ("<video>", "<audio>"):
+            if tag in message["content"]:
+                kind = "videos" if tag == "<video>" else "audio"
+                raise DataError(f"{source}: {kind} are not supported yet ({tag} placeholder in message {i}); use image data")
     if n_placeholders != len(example.images):
         counts = f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(example.images)} image(s)"
         raise DataError(f"{source}: {counts}")

@@ -49,7 +49,13 @@ from prism.align.config import AlignConfig
 from prism.align.train import check_config as check_align
 from prism.align.train import train as train_align
 from prism.checkpoint import STATE_FILE, checkpoint_dir
-from prism.core.config import ModelSettings, Section, config_changes, load_config, parse_overrides
+from prism.core.config import (
+    ModelSettings,
+    Section,
+    config_changes,
+    load_config,
+    parse_overrides,
+)
 from prism.core.errors import ConfigError, RunError
 from prism.core.task import Task, load_task
 from prism.data.formats import load_examples

@@ -102,10 +102,13 @@ def test_prism_eval_end_to_end_and_bad_input(tiny_model_dir, tmp_path):
     assert {"greedy", "sampled", "drift"} <= set(r) and r["sampled"]["n"] == 8
     assert {"length/caption", "tokens/think", "embedding_mmd"} <= set(r["drift"])
     assert "error/perception" in r["greedy"]
-    # data without answers: answer metrics skipped with a note, drift still computed
+    # data without answers (no answer key, no <answer> in the reference turn): answer metrics skipped with
+    # a note, drift still computed
     rows = [json.loads(x) for x in (tmp_path / "d/test.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("answer")
+        turn = row["messages"][-1]
+        turn["content"] = turn["content"][:turn["content"].index("<answer>")]
         row["images"] = [str(tmp_path / "d" / p) for p in row["images"]]
     (tmp_path / "noans.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     proc = _cli("--model", str(tiny_model_dir), "--data", str(tmp_path / "noans.jsonl"), "--max-new-tokens", "4",
@@ -185,3 +188,59 @@ def test_prism_eval_cli_broken_model_dir_is_one_error_line_and_exit_2(tiny_model
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == proc.stderr.strip().splitlines()[-1:], proc.stderr[-2000:]
     assert errors[0].startswith(f"error: --model: {d / 'model.safetensors'} is truncated or corrupt ("), errors
+
+
+# ------------------------------------------------------------------------------ answer formats, reference answers
+
+
+def _turns(question: str, reference: str | None = None) -> list[dict]:
+    turns = [{"role": "user", "content": question}]
+    return turns + ([{"role": "assistant", "content": reference}] if reference is not None else [])
+
+
+def test_score_responses_reads_answers_by_format_and_accepts_any_answer():
+    geo = Example(messages=_turns("q"), answer="3", meta={"equivalent_answers": ["three"]})
+    responses = ["<think>t</think> \\boxed{3}", "\\boxed{three}", _resp(CAPTION, "3"), "\\boxed{2} \\boxed{4}"]
+    boxed = score_responses([geo] * 4, responses, answer_format="boxed")
+    assert boxed["accuracy"] == pytest.approx(2 / 4)  # the tagged response has no box; the last box of the last is 4
+    assert boxed["format_rate"] == pytest.approx(2 / 4)  # prism's tags are no box; two boxes are not one answer
+    either = score_responses([geo] * 4, responses, answer_format="either")
+    assert either["accuracy"] == pytest.approx(3 / 4) and either["format_rate"] == pytest.approx(3 / 4)
+    tagged = score_responses([geo] * 4, responses)  # the default: the <answer> tag
+    assert tagged["accuracy"] == pytest.approx(1 / 4) and tagged["format_rate"] == pytest.approx(1 / 4)
+
+
+def test_an_example_without_answer_is_scored_against_its_reference_turn():
+    from prism.eval.metrics import ground_truths
+
+    ref = Example(messages=_turns("q", _resp(CAPTION, "7")))
+    boxed_ref = Example(messages=_turns("q", "so \\boxed{7}"))
+    assert ground_truths(ref) == ["7"] and ground_truths(boxed_ref) == []
+    assert ground_truths(boxed_ref, "boxed") == ["7"] and ground_truths(boxed_ref, "either") == ["7"]
+    keyed = Example(messages=_turns("q", _resp(CAPTION, "7")), answer="8")
+    assert ground_truths(keyed) == ["8"]  # an answer key wins over the reference turn
+    m = score_responses([ref, ref, keyed], [_resp(CAPTION, "7"), _resp(CAPTION, "8"), _resp(CAPTION, "8")])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_held_out_data_accepts_reference_answers_and_names_an_example_with_neither(tmp_path):
+    from prism.core.config import load_config
+    from prism.loop.run import eval_answer_format, load_eval_data
+    from prism.rl.config import RLConfig
+    from prism.sft.config import SFTConfig
+
+    rows = [{"messages": _turns("q1", _resp(CAPTION, "3"))},                   # reference answer only
+            {"messages": _turns("q2", "x = \\boxed{5}")},                       # a boxed reference only
+            {"messages": _turns("q3"), "answer": "4"}]                           # an answer key
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = load_config(SFTConfig, None, [f"data.eval={path}"])
+    with pytest.raises(DataError, match=r"eval.jsonl:2: no answer \(no answer key, and no reference response "
+                                        r"with an <answer> answer\)$"):
+        load_eval_data(sft)  # SFT reads <answer> tags: the boxed reference gives none
+    rl = load_config(RLConfig, None, [f"data.eval={path}", "reward.answer_format=either"])
+    assert eval_answer_format(sft) == "answer" and eval_answer_format(rl) == "either"
+    assert [ex.question for ex in load_eval_data(rl)] == ["q1", "q2", "q3"]
+    with pytest.warns(UserWarning, match="skipped 1 example"):
+        kept = load_eval_data(load_config(SFTConfig, None, [f"data.eval={path}", "data.skip_bad=true"]))
+    assert [ex.question for ex in kept] == ["q1", "q3"]

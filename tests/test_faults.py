@@ -381,6 +381,6 @@ def test_a_failed_start_leaves_the_config_of_the_run_alone(tiny_model_dir, synth
 def test_the_fault_injection_script_finds_every_resumed_run_equal_to_the_uninterrupted_one(tmp_path):
     """One trial per stage here (scripts/fault_injection.py --trials 12 for the full check)."""
     proc = subprocess.run([sys.executable, "scripts/fault_injection.py", "--trials", "1", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 trials" in proc.stdout and "max |difference| of every logged metric: 0" in proc.stdout

@@ -17,7 +17,7 @@ from prism.core.example import Example
 from prism.core.response import parse_response
 from prism.core.task import Task
 from prism.dist import ModelUpdate, make_optimizer, reduce_sum, replicated_load
-from prism.rewards import answer_correct
+from prism.rewards import answer_matches
 
 DISC_DIR = "discriminator"
 """Where a checkpoint holds the discriminator."""
@@ -140,7 +140,7 @@ def rollout_monitors(prompts: list[Example], texts: list[str], G: int, task: Tas
     parsed = [parse_response(t) for t in texts]
     expanded = [ex for ex in prompts for _ in range(G)]
     out = {"format_rate": sum(p.valid for p in parsed) / len(parsed),
-           "accuracy": sum(answer_correct(p.answer, ex.answer) for p, ex in zip(parsed, expanded)) / len(parsed),
+           "accuracy": sum(answer_matches(p.answer, ex.answers) for p, ex in zip(parsed, expanded)) / len(parsed),
            "length_chars": sum(len(t) for t in texts) / len(texts)}
     checked = [c for c in (task.caption_correct(p.caption, ex) for p, ex in zip(parsed, expanded))
                if c is not None] if task is not None else []

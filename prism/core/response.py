@@ -6,15 +6,27 @@ A response is *format-valid* iff the three sections appear exactly once, in this
 non-empty (after stripping whitespace), with only whitespace outside them. Invalid responses are
 still parsed as far as possible (first occurrence of each section) so that monitoring code can
 look at, say, the caption of a response whose answer tag is missing.
+
+Where the final answer is read from is one setting, `answer_format` (ANSWER_FORMATS), shared by the
+rewards and by evaluation (`extract_answer`, `answer_format_valid`):
+
+    answer   the <answer>…</answer> section (PRISM's format, the default)
+    boxed    the last complete `\\boxed{…}` (balanced braces) anywhere in the response, as verl's math
+             and geo3k prompts ask for
+    either   the <answer> section if there is one, else the last `\\boxed{…}`
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
+
+from prism.core.errors import ConfigError
 
 SECTIONS = ("caption", "think", "answer")
+AnswerFormat = Literal["answer", "boxed", "either"]
+ANSWER_FORMATS: tuple[str, ...] = ("answer", "boxed", "either")
 _TAG = re.compile(r"<(/?)(caption|think|answer)>")
 _SECTION = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in SECTIONS}
 
@@ -56,6 +68,66 @@ def parse_response(text: str) -> ParsedResponse:
 
 def is_format_valid(text: str) -> bool:
     return _is_valid(text)
+
+
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
+
+
+def boxed_answers(text: str) -> list[str]:
+    """The contents of every complete `\\boxed{…}` in `text`, in order, stripped.
+
+    Braces are matched (so `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`); escaped braces `\\{` `\\}`
+    do not count. A box whose braces never close (a truncated response) is not an answer.
+    """
+    found = []
+    for m in _BOXED_OPEN.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            c = text[i]
+            if c == "\\":
+                i += 2  # an escaped character, \{ and \} included
+                continue
+            depth += (c == "{") - (c == "}")
+            i += 1
+        if depth == 0:
+            found.append(text[m.end():i - 1].strip())
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last complete `\\boxed{…}` in `text`, or None."""
+    found = boxed_answers(text)
+    return found[-1] if found else None
+
+
+def check_answer_format(answer_format: str, key: str = "answer_format") -> str:
+    """`answer_format` itself, or a one-line ConfigError naming `key`."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ConfigError(f"{key}: unknown answer format {answer_format!r}; use one of {', '.join(ANSWER_FORMATS)}")
+    return answer_format
+
+
+def extract_answer(text: str, answer_format: str = "answer") -> str | None:
+    """The final answer of a response under `answer_format` (module doc), or None when it has none."""
+    check_answer_format(answer_format)
+    if answer_format != "boxed":
+        tagged = parse_response(text).answer
+        if tagged is not None or answer_format == "answer":
+            return tagged
+    return last_boxed(text)
+
+
+def answer_format_valid(text: str, answer_format: str = "answer") -> bool:
+    """Format validity under `answer_format`: for `answer`, PRISM's full format (docs/design.md §2);
+    for `boxed`, exactly one complete, non-empty `\\boxed{…}` in the response (no tags demanded);
+    for `either`, one or the other."""
+    check_answer_format(answer_format)
+    if answer_format != "boxed" and _is_valid(text):
+        return True
+    if answer_format == "answer":
+        return False
+    boxes = boxed_answers(text)
+    return len(boxes) == 1 and bool(boxes[0])
 
 
 def char_span_to_token_range(

@@ -3,11 +3,13 @@
     prism-eval --model runs/rl/checkpoint-000100 --data data/demo/test.jsonl [--samples 4 --temperature 1.0]
                [--reference data/demo/curated.jsonl] [--embed-model runs/tiny-model] [--out results.json]
 
-Greedy decoding gives `greedy/*` metrics (prism.eval.metrics); `--samples k` responses per prompt
+Greedy decoding gives `greedy/*` metrics (prism.eval.metrics; `--answer-format answer|boxed|either`
+reads answers as `reward.answer_format` does in RL, `answer` by default); `--samples k` responses per prompt
 at `--temperature` give `sampled/*` (accuracy there is pass@1 averaged over the k samples). Drift
 (prism.eval.drift) compares the sampled responses with the reference responses: the assistant
-turns of `--reference`, by default those of `--data` itself. Data without ground-truth answers
-skips the answer metrics (with a note) and still reports drift.
+turns of `--reference`, by default those of `--data` itself. An example without an answer key is
+scored against the answer of its own reference (assistant) turn; data with neither skips the answer
+metrics (with a note) and still reports drift.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import torch
 from prism.core.config import ModelSettings
 from prism.core.errors import ConfigError
 from prism.core.example import Example
-from prism.core.response import is_format_valid
+from prism.core.response import answer_format_valid, check_answer_format
 from prism.core.task import Task, load_task
 from prism.data.formats import load_examples
 from prism.eval.drift import drift_metrics
-from prism.eval.metrics import score_responses
+from prism.eval.metrics import ground_truths, score_responses
 from prism.models.loader import load_model
 from prism.models.processor import load_processor
 from prism.rollout import SamplingParams, sample
@@ -37,9 +39,11 @@ log = logging.getLogger("prism.eval")
 
 def evaluate_model(model, processor, examples: Sequence[Example], *, samples: int = 1, temperature: float = 1.0,
                    max_new_tokens: int = 256, chunk_size: int = 64, reference: Sequence[str] | None = None,
-                   embed_model=None, task: Task | None = None, backend: str = "native") -> dict:
+                   embed_model=None, task: Task | None = None, backend: str = "native",
+                   answer_format: str = "answer") -> dict:
     """All metrics of one model on `examples`; see the module docstring for the keys."""
-    has_truth = any(ex.answer for ex in examples)
+    check_answer_format(answer_format, "--answer-format")
+    has_truth = any(ground_truths(ex, answer_format) for ex in examples)
     out: dict = {"n": len(examples)}
     greedy = sample(model, processor, examples, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                     chunk_size=chunk_size, backend=backend).texts
@@ -49,16 +53,16 @@ def evaluate_model(model, processor, examples: Sequence[Example], *, samples: in
                                                                     temperature=temperature, n=samples),
                          chunk_size=chunk_size, backend=backend).texts
     if has_truth:
-        out["greedy"] = score_responses(examples, greedy, task)
+        out["greedy"] = score_responses(examples, greedy, task, answer_format)
         expanded = [ex for ex in examples for _ in range(len(sampled) // len(examples))]
-        out["sampled"] = score_responses(expanded, sampled, task)
+        out["sampled"] = score_responses(expanded, sampled, task, answer_format)
     else:
         out["note"] = "no ground-truth answers in the data: answer metrics skipped"
-        out["sampled"] = {"format_rate": sum(map(is_format_valid, sampled)) / len(sampled)}
+        out["sampled"] = {"format_rate": sum(answer_format_valid(t, answer_format) for t in sampled) / len(sampled)}
     if reference:
         out["drift"] = drift_metrics(processor.tokenizer, sampled, reference, embed_model)
-    out["examples"] = [{"question": ex.question, "answer": ex.answer, "greedy": g} for ex, g in
-                       list(zip(examples, greedy))[:8]]
+    out["examples"] = [{"question": ex.question, "answer": (ground_truths(ex, answer_format) or [None])[0], "greedy": g}
+                       for ex, g in list(zip(examples, greedy))[:8]]
     return out
 
 
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "module.path:attribute")
     p.add_argument("--backend", choices=["native", "hf"], default="native",
                    help="rollout backend: native (prism's sampler) or hf (transformers generate)")
+    p.add_argument("--answer-format", choices=["answer", "boxed", "either"], default="answer",
+                   help="where answers are read from: the <answer> tag, the last \\boxed{}, or either "
+                   "(as reward.answer_format)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     check_flags(a)
@@ -127,10 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
                            key="--embed-model").to(device)
     result = evaluate_model(model, processor, examples, samples=a.samples, temperature=a.temperature,
                             max_new_tokens=a.max_new_tokens, chunk_size=a.chunk_size, reference=reference,
-                            embed_model=embed, task=task, backend=a.backend)
+                            embed_model=embed, task=task, backend=a.backend, answer_format=a.answer_format)
     if not reference:
         result["note_drift"] = "no reference responses: drift skipped"
-    result.update({"model": str(model_dir), "data": a.data, "samples": a.samples, "temperature": a.temperature})
+    result.update({"model": str(model_dir), "data": a.data, "samples": a.samples, "temperature": a.temperature,
+                   "answer_format": a.answer_format})
     out = Path(a.out) if a.out else model_dir / f"eval-{Path(a.data).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,6 +38,7 @@ from prism.core.errors import ConfigError, DataError, TrainingStopped
 from prism.core.example import Example
 from prism.data.formats import load_examples
 from prism.dist.accelerator import make_accelerator
+from prism.eval.metrics import with_ground_truths
 from prism.tracking import METRICS_FILE, Tracker, metric_rows
 
 RUN_FILES = (METRICS_FILE, "config.yaml", "warmup", "tensorboard")
@@ -150,12 +151,20 @@ def claim_output_dir(cfg, accelerator: Accelerator, out: Path, resume: str | Non
     return ckpt
 
 
+def eval_answer_format(cfg) -> str:
+    """Where held-out evaluation reads answers from: RL's `reward.answer_format` (so evaluation and the
+    rewards agree), `answer` (PRISM's <answer> tag) for the stages without a reward section."""
+    return getattr(getattr(cfg, "reward", None), "answer_format", "answer")
+
+
 def load_eval_data(cfg) -> list[Example]:
-    """The held-out examples (`data.eval`, at most `data.eval_limit`), each with an answer; [] without."""
+    """The held-out examples (`data.eval`, at most `data.eval_limit`), each with a ground truth: an answer
+    key or, failing that, a reference response whose answer can be read (prism.eval.metrics.ground_truths,
+    as prism-eval does); [] without `data.eval`."""
     if not cfg.data.eval:
         return []
-    return load_examples(cfg.data.eval, cfg.data.format, require_answer=True, skip_bad=cfg.data.skip_bad,
-                         limit=cfg.data.eval_limit)
+    examples = load_examples(cfg.data.eval, cfg.data.format, skip_bad=cfg.data.skip_bad, limit=cfg.data.eval_limit)
+    return with_ground_truths(examples, eval_answer_format(cfg), skip_bad=cfg.data.skip_bad, origin=cfg.data.eval)
 
 
 def check_enough(cfg, n: int, per_process: int, key: str, world: int, what: str = "prompts") -> None:

@@ -40,7 +40,7 @@ def _band(text: str) -> tuple[float, float]:
 
 def pass_rates(model, processor, examples, k: int, params: SamplingParams, chunk: int,
                backend: str = "native") -> list[float]:
-    """Fraction of k samples whose <answer> is correct, per example."""
+    """Fraction of k samples whose <answer> is correct (any of the example's answers), per example."""
     rates = []
     for i in range(0, len(examples), max(1, chunk // k)):
         batch = examples[i: i + max(1, chunk // k)]

@@ -53,7 +53,7 @@ from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
 from prism.models.logprobs import token_log_probs
 from prism.models.processor import load_processor
-from prism.rewards import REWARDS, RewardModel, overlong_penalty
+from prism.rewards import RewardModel, accuracy_reward, format_reward, overlong_penalty
 from prism.rl.config import RLConfig
 from prism.rollout.engine import RolloutBackend, make_backend
 
@@ -106,9 +106,11 @@ class BatchCollector:
         expanded = [ex for ex in batch for _ in range(self.params.n)]
         t0 = time.perf_counter()
         rewards, parts = self.rewards(rollouts.texts, expanded)
-        for name in ("accuracy", "format"):  # always monitored, whether or not they are rewarded
+        # accuracy and format are always monitored (RewardModel adds them; another scorer may not)
+        for name, fn in (("accuracy", accuracy_reward), ("format", format_reward)):
             if name not in parts:
-                parts[name] = torch.tensor(REWARDS[name](rollouts.texts, expanded), dtype=torch.float32)
+                values = fn(rollouts.texts, expanded, cfg.reward.answer_format)
+                parts[name] = torch.tensor(values, dtype=torch.float32)
         shaping = overlong_penalty(rollouts.response_lengths, cfg.rollout.max_new_tokens, overlong_buffer(cfg),
                                    cfg.algo.overlong_penalty)
         parts["overlong_penalty"] = shaping
@@ -155,7 +157,8 @@ class BatchCollector:
         rollouts, rewards = Rollouts.concat(kept), torch.cat(kept_rewards)
         take = min(have, want) * G
         rollouts, rewards = rollouts.select(range(take)), rewards[:take]
-        metrics = {f"rollout/{k}": float(torch.cat(v).mean()) for k, v in seen.items()}
+        # nanmean: with reward.by_data_source, a component only some sources use is NaN on the others
+        metrics = {f"rollout/{k}": float(torch.cat(v).nanmean()) for k, v in seen.items()}
         metrics.update({"rollout/dropped_groups": float(dropped), "rollout/gen_rounds": float(rounds),
                         "rollout/kept_groups": float(take // G),
                         "time/generation": t_gen, "time/scoring": t_score})
@@ -181,7 +184,7 @@ def train(cfg: RLConfig) -> dict:
     prompts = load_prompts(cfg.data.train, cfg)
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", accelerator.num_processes)
-    rewards = RewardModel(cfg.reward.functions)
+    rewards = RewardModel(cfg.reward.functions, cfg.reward.answer_format, cfg.reward.by_data_source)
 
     resume_from = claim_output_dir(cfg, accelerator, out)
     model = load_model(cfg.model, trainable=True, device=accelerator.device, init_from=resume_from)
@@ -224,7 +227,8 @@ def train(cfg: RLConfig) -> dict:
         metrics = reduce_mean(accelerator, metrics, ("rollout/",))
 
         end_step(cfg, step, metrics, tracker,
-                 evaluate=(lambda: evaluate(accelerator, model, processor, eval_data, cfg.eval, task)) if eval_data else None,
+                 evaluate=(lambda: evaluate(accelerator, model, processor, eval_data, cfg.eval, task,
+                                           cfg.reward.answer_format)) if eval_data else None,
                  save=lambda: save_policy_checkpoint(cfg, accelerator, step, model, processor, optimizer, scheduler,
                                                      {"metrics": metrics, "cursor": collector.cursor}))
         bar.update(1)

@@ -238,3 +238,42 @@ def test_all_ignored_labels_give_zero_loss_and_count():
 
     nll, n = shifted_token_nll(torch.randn(1, 3, 5), torch.full((1, 3), IGNORE_INDEX))
     assert nll.item() == 0.0 and n.item() == 0
+
+
+def test_token_lengths_read_image_sizes_from_headers_and_equal_the_collated_lengths(tiny_processor, tmp_path):
+    """The start-up lengths (batched tokenisation, image sizes from file headers, once per path) are the
+    lengths the collator produces, for image paths, image bytes and text-only examples."""
+    import io
+
+    from prism.data.collate import token_lengths
+
+    paths = []
+    for i, size in enumerate([(32, 32), (128, 128), (40, 72)]):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.new("RGB", size, (255, 0, 0)).save(paths[-1])
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (0, 0, 255)).save(buf, format="PNG")
+    examples = [single(image=p) for p in paths] + [single(image=paths[0]), single(image=buf.getvalue())]
+    examples.append(Example(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER}]))
+    lengths = token_lengths(tiny_processor, examples, batch_size=2)
+    collate = SFTCollator(tiny_processor, max_length=4096)
+    assert lengths == [int(collate([ex])["attention_mask"].sum()) for ex in examples]
+    assert lengths[0] == lengths[3] and lengths[1] > lengths[0]  # a bigger image, more image tokens
+
+
+def test_an_image_rewritten_after_its_size_was_read_is_read_again(tiny_processor, tmp_path):
+    import os
+    import time
+
+    from prism.data.collate import image_size
+
+    path = tmp_path / "im.png"
+    Image.new("RGB", (48, 48)).save(path)
+    assert image_size(str(path)) == (48, 48)
+    time.sleep(0.01)
+    Image.new("RGB", (64, 32)).save(path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    assert image_size(str(path)) == (64, 32)  # cached per (path, size, mtime), not per path
+    path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image"):
+        image_size(str(path), "data.jsonl:3")

@@ -197,6 +197,19 @@ def test_batch_indices_cover_each_epoch_once_and_shard_by_rank():
     assert batch_indices(n, 5, bs, 1, 0, 3) != batch_indices(n, 0, bs, 1, 0, 3)  # reshuffled
 
 
+def test_batch_indices_are_slices_of_one_cached_permutation_per_epoch():
+    from prism.data.order import epoch_permutation
+
+    epoch_permutation.cache_clear()
+    n, bs = 100, 8
+    by_hand = torch.randperm(n, generator=torch.Generator().manual_seed(7 + 1))  # epoch 1 of seed 7
+    for k in range(12, 24):  # batches 12..23 are epoch 1 (12 batches of 8 per epoch)
+        j = k - 12
+        assert batch_indices(n, k, bs, 1, 0, seed=7) == by_hand[j * bs: (j + 1) * bs].tolist()
+    assert epoch_permutation.cache_info().misses == 1  # built once for the 12 batches
+
+
+
 def test_config_errors_are_raised_at_load(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.max_stepz'"):
         load_config(SFTConfig, None, ["train.max_stepz=3"])

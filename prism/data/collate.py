@@ -10,10 +10,14 @@ of each `<|image_pad|>` into one token per merged vision patch.
 
 from __future__ import annotations
 
+import io
+import os
 import re
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from prism.core.errors import DataError
 from prism.core.example import IGNORE_INDEX, IMAGE_PLACEHOLDER, Example, load_image
@@ -144,10 +148,48 @@ def encode_prompts(processor, examples: Sequence[Example]) -> dict[str, torch.Te
 
 def token_length(processor, ex: Example) -> int:
     """Tokens of the full conversation (image tokens included), without running the processor."""
-    text = render(processor, ex.messages)
-    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if ex.images:
-        sizes = [load_image(ref, ex.source).size[::-1] for ref in ex.images]  # (height, width)
-        mm = processor._get_num_multimodal_tokens(image_sizes=sizes)
-        n += sum(mm["num_image_tokens"]) - len(sizes)
-    return n
+    return token_lengths(processor, [ex])[0]
+
+
+def token_lengths(processor, examples: Sequence[Example], batch_size: int = 1024) -> list[int]:
+    """`token_length` of many examples: the chat texts tokenised `batch_size` at a time, each image's
+    size read from its file header (no pixel decode), once per path."""
+    out: list[int] = []
+    for start in range(0, len(examples), batch_size):
+        part = examples[start: start + batch_size]
+        texts = [render(processor, ex.messages) for ex in part]
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for ex, tokens in zip(part, ids):
+            n = len(tokens)
+            if ex.images:
+                sizes = [image_size(ref, ex.source)[::-1] for ref in ex.images]  # (height, width)
+                mm = processor._get_num_multimodal_tokens(image_sizes=sizes)
+                n += sum(mm["num_image_tokens"]) - len(sizes)
+            out.append(n)
+    return out
+
+
+def image_size(ref, source: str = "<memory>") -> tuple[int, int]:
+    """(width, height) of an ImageRef from its header; a path's is read once per (path, size, mtime)."""
+    if isinstance(ref, str):
+        try:
+            st = os.stat(ref)
+        except FileNotFoundError:
+            raise DataError(f"{source}: image file not found: {ref}") from None
+        return _path_size(ref, st.st_size, st.st_mtime_ns, source)
+    if isinstance(ref, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(ref)) as im:
+                return im.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{source}: cannot read image <bytes>: {e.__class__.__name__}: {e}") from None
+    return ref.size
+
+
+@lru_cache(maxsize=65536)
+def _path_size(path: str, size: int, mtime_ns: int, source: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:  # the header only: PIL decodes pixels lazily
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{source}: cannot read image {path}: {e.__class__.__name__}: {e}") from None

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -612,13 +613,34 @@ def _validate(example: Example, require_response: bool, require_answer: bool, ve
         for ref in example.images:
             if isinstance(ref, Image.Image):
                 continue
-            try:
-                with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types on bad data
+            reason = _verified_path(ref) if isinstance(ref, str) else _image_fault(ref)
+            if reason:
                 what = ref if isinstance(ref, str) else f"<{len(ref)} bytes>"
-                reason = f"{type(e).__name__}: {_one_line(e)}"
-                raise DataError(f"{source}: corrupt image {what}: {reason}") from None
+                raise DataError(f"{source}: corrupt image {what}: {reason}")
+
+
+def _image_fault(ref: str | bytes) -> str | None:
+    """Why PIL cannot verify an image (None: it can)."""
+    try:
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+        return f"{type(e).__name__}: {_one_line(e)}"
+    return None
+
+
+def _verified_path(path: str) -> str | None:
+    """`_image_fault` of a path, checked once per (path, size, mtime): corpora repeat their images."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{type(e).__name__}: {_one_line(e)}"
+    return _verified(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=65536)
+def _verified(path: str, size: int, mtime_ns: int) -> str | None:
+    return _image_fault(path)
 
 
 def _one_line(error: Exception) -> str:

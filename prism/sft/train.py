@@ -30,7 +30,7 @@ from prism.core.config import load_config
 from prism.core.errors import DataError
 from prism.core.example import IGNORE_INDEX, Example
 from prism.core.task import load_task
-from prism.data.collate import SFTCollator, token_length
+from prism.data.collate import SFTCollator, token_lengths
 from prism.data.formats import load_examples
 from prism.data.order import batch_indices
 from prism.data.packing import pack
@@ -58,7 +58,7 @@ log = logging.getLogger("prism.sft")
 def load_train_data(cfg: SFTConfig, processor) -> tuple[list[Example], list[int]]:
     """Demonstrations no longer than data.max_length tokens, and their lengths."""
     examples = load_examples(cfg.data.train, cfg.data.format, require_response=True, skip_bad=cfg.data.skip_bad)
-    lengths = [token_length(processor, ex) for ex in examples]
+    lengths = token_lengths(processor, examples)
     kept = [(ex, n) for ex, n in zip(examples, lengths) if n <= cfg.data.max_length]
     if len(kept) < len(examples):
         log.warning("%s: dropped %d of %d examples longer than data.max_length=%d",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Set before transformers is imported anywhere: nothing may be downloaded, and the tokenizers
 # thread pool must not fork-warn or compete with the single torch thread.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The SFT corpus cache (prism.data.corpus) of this test run: never the user's ~/.cache/prism, never reused
+# from another run.
+os.environ.setdefault("PRISM_CACHE", tempfile.mkdtemp(prefix="prism-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -79,6 +79,11 @@ class DataSettings(Section):
     """Skip bad examples with one warning and a count instead of stopping."""
     eval_limit: int | None = Field(256, gt=0)
     """Evaluate on at most this many held-out examples (null: all)."""
+    num_workers: int = Field(0, ge=0)
+    """SFT: loader worker processes that build each step's batches (image decode, chat template,
+    processor) ahead of the training step (prism.data.loader); 0: in the training process."""
+    prefetch: int = Field(2, gt=0)
+    """Steps each loader worker keeps ready."""
 
 
 class OptimSettings(Section):

@@ -5,7 +5,8 @@
 
 The loop, top to bottom: build the pieces (accelerator, processor, data, model, optimizer,
 scheduler), resume if a checkpoint exists, then for each optimizer step: collate the step's
-micro-batches (with `train.padding_free`, each packed into one row without padding), normalise
+micro-batches (ahead of the step in `data.num_workers` loader processes, prism.data.loader; with
+`train.padding_free`, each packed into one row without padding), normalise
 by the step's token count over all micro-batches and processes (so accumulation and data
 parallelism give the same update as one big batch), backward, clip, step; log, evaluate and
 checkpoint on schedule.
@@ -19,6 +20,8 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import time
 
@@ -27,11 +30,11 @@ import torch
 from prism.checkpoint import restore_optimizer, save_policy_checkpoint
 from prism.core.batching import token_budget_batches
 from prism.core.config import load_config
-from prism.core.errors import DataError
 from prism.core.example import IGNORE_INDEX, Example
 from prism.core.task import load_task
-from prism.data.collate import SFTCollator, token_lengths
-from prism.data.formats import load_examples
+from prism.data.collate import SFTCollator
+from prism.data.corpus import Corpus
+from prism.data.loader import step_loader
 from prism.data.order import batch_indices
 from prism.data.packing import pack
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_sum
@@ -55,17 +58,15 @@ from prism.sft.config import SFTConfig
 log = logging.getLogger("prism.sft")
 
 
-def load_train_data(cfg: SFTConfig, processor) -> tuple[list[Example], list[int]]:
-    """Demonstrations no longer than data.max_length tokens, and their lengths."""
-    examples = load_examples(cfg.data.train, cfg.data.format, require_response=True, skip_bad=cfg.data.skip_bad)
-    lengths = token_lengths(processor, examples)
-    kept = [(ex, n) for ex, n in zip(examples, lengths) if n <= cfg.data.max_length]
-    if len(kept) < len(examples):
-        log.warning("%s: dropped %d of %d examples longer than data.max_length=%d",
-                    cfg.data.train, len(examples) - len(kept), len(examples), cfg.data.max_length)
-    if not kept:
-        raise DataError(f"{cfg.data.train}: no examples left after filtering by data.max_length={cfg.data.max_length}")
-    return [ex for ex, _ in kept], [n for _, n in kept]
+def load_train_data(cfg: SFTConfig, processor, accelerator=None) -> tuple[Corpus, list[int]]:
+    """Demonstrations no longer than data.max_length tokens (a `Corpus`: `len()`, `data[i]` -> Example),
+    and their lengths. Parsed, validated and measured once into an on-disk cache (prism.data.corpus):
+    the main process builds it first, the others then load it (`accelerator.main_process_first()`)."""
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        corpus = Corpus.build_or_load(cfg.data.train, processor, format=cfg.data.format,
+                                      max_length=cfg.data.max_length, skip_bad=cfg.data.skip_bad,
+                                      num_proc=cfg.data.num_workers or None)
+    return corpus, corpus.lengths.tolist()
 
 
 def split_by_budget(rows: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
@@ -102,7 +103,7 @@ def train(cfg: SFTConfig) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     task = load_task(cfg.data.task)
     processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
-    train_data, lengths = load_train_data(cfg, processor)
+    train_data, lengths = load_train_data(cfg, processor, accelerator)
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(train_data), cfg.train.micro_batch_size, "train.micro_batch_size", world, "examples")
     collate = SFTCollator(processor, cfg.data.max_length)
@@ -123,9 +124,13 @@ def train(cfg: SFTConfig) -> dict:
 
     # --- loop ------------------------------------------------------------------------------
     model.train()
+    # each step's collated micro-batches, built ahead by data.num_workers loader processes (or here)
+    batches = step_loader(functools.partial(step_batches, cfg, collate, train_data, lengths, world=world, rank=rank),
+                          start + 1, cfg.train.max_steps, cfg.data.num_workers, cfg.data.prefetch)
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        micro = step_batches(cfg, collate, train_data, lengths, step, world, rank)
+        micro = next(batches)
+        t_data = time.perf_counter() - t0
         # the step's labelled tokens over all micro-batches and processes normalise every micro-batch's loss
         n_tokens = int(reduce_sum(accelerator, sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)))
         nll_total = torch.zeros((), device=accelerator.device)
@@ -143,6 +148,7 @@ def train(cfg: SFTConfig) -> dict:
 
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens": n_tokens, "train/step_seconds": time.perf_counter() - t0,
+                   "train/data_seconds": t_data,
                    "train/epoch": (step * cfg.train.grad_accum * cfg.train.micro_batch_size * world) / len(train_data)}
         end_step(cfg, step, metrics, tracker,
                  evaluate=(lambda: evaluate(accelerator, model, processor, eval_data, cfg.eval, task)) if eval_data else None,

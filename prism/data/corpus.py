@@ -1,0 +1,383 @@
+"""`Corpus`: the SFT demonstrations of a data file, parsed, validated and measured once, then reused.
+
+The first launch reads the file the way `load_examples(path, format, require_response=True,
+skip_bad=...)` does (same checks, same "file:line" errors), measures every example with
+`token_lengths`, drops those longer than `max_length` and writes the rest to a memory-mapped Arrow
+cache (Hugging Face `datasets`, `save_to_disk`). Later launches with the same key open that cache in
+seconds and hold almost nothing in memory: rows are turned back into `Example`s on demand.
+
+Cache key (a SHA-256 of): the data file's resolved path, size and mtime_ns (for `DIR#NAME`, the
+dataset index's and the data file's); the format; require_response; skip_bad; max_length; the
+processor's identity (tokenizer name_or_path and size, the chat template text, the image
+processor's settings, since pixel limits change lengths); `SCHEMA_VERSION`. Location:
+`cache_dir`, else `$PRISM_CACHE/corpus`, else `~/.cache/prism/corpus`, then `/<hash>`. A cache is
+built in a temporary folder next to it and renamed into place, so a reader never sees half of one;
+a cache that fails its check (missing manifest, truncated or unreadable files) is rebuilt.
+
+Several processes: build in the main process first, then let the others load, e.g.
+
+    with accelerator.main_process_first():
+        corpus = Corpus.build_or_load(path, processor, max_length=4096)
+
+(Without it every process would build its own copy at once: still correct, since renames are atomic
+and the loser loads the winner's cache, but wasteful.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from prism.core.errors import DataError
+from prism.core.example import Example
+from prism.data.collate import token_lengths
+from prism.data.formats import (
+    PARSERS,
+    _detect_format,
+    _read_records,
+    _validate,
+    load_examples,
+)
+
+log = logging.getLogger("prism.data.corpus")
+
+SCHEMA_VERSION = 1
+MANIFEST = "prism_corpus.json"
+BYTES_REF = "\0bytes"  # in `images`: "the next entry of `image_bytes`"
+CHUNK = 1024  # rows per `map` batch
+
+
+class Corpus:
+    """Demonstrations read from a memory-mapped Arrow cache; `corpus[i]` is an `Example`.
+
+    Columns: messages (JSON text), images (paths; BYTES_REF where the image is embedded), image_bytes
+    (the embedded images, in order), answer, meta (JSON text), source ("file:line"), length (int32
+    tokens, `prism.data.collate.token_lengths`). Pickling sends only the cache folder's path.
+    """
+
+    def __init__(self, cache: str | Path):
+        self.cache = Path(cache)
+        self._open()
+
+    def _open(self) -> None:
+        from datasets import load_from_disk
+
+        self.manifest = _read_manifest(self.cache)
+        self._ds = load_from_disk(str(self.cache / "data"))
+        self._lengths = None
+
+    # ------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build_or_load(
+        cls, path: str | Path, processor, *, format: str = "auto", max_length: int, skip_bad: bool = False,
+        require_response: bool = True, num_proc: int | None = None, cache_dir: str | Path | None = None,
+    ) -> Corpus:
+        """The corpus of `path` for `processor`: loaded from its cache, or built (and cached) on a miss.
+
+        Warnings of the build (bad examples skipped, examples dropped for length) are given again on
+        every load, so each launch says what its data lost.
+        """
+        key = fingerprint(path, processor, format=format, max_length=max_length, skip_bad=skip_bad,
+                          require_response=require_response)
+        root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+        target = root / key
+        corpus = _try_open(target)
+        if corpus is None:
+            shutil.rmtree(target, ignore_errors=True)  # partial or corrupt: rebuild
+            corpus = _build(target, key, path, processor, format, max_length, skip_bad, require_response, num_proc)
+        corpus._report(path, max_length)
+        return corpus
+
+    def _report(self, path: str | Path, max_length: int) -> None:
+        m = self.manifest
+        if m["n_bad"]:
+            warnings.warn(f"{m['bad_file']}: skipped {m['n_bad']} bad example(s); first: {m['first_bad']}",
+                          stacklevel=3)
+        if m["n_dropped"]:
+            log.warning("%s: dropped %d of %d examples longer than data.max_length=%d",
+                        path, m["n_dropped"], m["n_dropped"] + len(self), max_length)
+
+    # ------------------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return self._ds.num_rows
+
+    @property
+    def lengths(self):
+        """Token length of every example (a numpy int32 array, read from the column once)."""
+        if self._lengths is None:
+            self._lengths = self._ds.data.column("length").to_numpy()
+        return self._lengths
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"corpus index {i} out of range ({len(self)} examples)")
+        return _example(self._ds[int(i) % len(self)])
+
+    def examples(self, indices: Sequence[int]) -> list[Example]:
+        """The examples at `indices`, in that order (one Arrow read)."""
+        rows = self._ds[list(map(int, indices))]
+        return [_example({k: rows[k][j] for k in rows}) for j in range(len(indices))]
+
+    def __iter__(self) -> Iterator[Example]:
+        for start in range(0, len(self), CHUNK):
+            yield from self.examples(range(start, min(start + CHUNK, len(self))))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": str(self.cache)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.cache = Path(state["cache"])
+        self._open()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Corpus) and self.cache.resolve() == other.cache.resolve()
+
+    def __hash__(self) -> int:
+        return hash(str(self.cache.resolve()))
+
+    def __repr__(self) -> str:
+        return f"Corpus({len(self)} examples, {self.cache})"
+
+
+def default_cache_root() -> Path:
+    """`$PRISM_CACHE/corpus`, else `~/.cache/prism/corpus`."""
+    base = os.environ.get("PRISM_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "prism") / "corpus"
+
+
+# ---------------------------------------------------------------------------------- the key
+
+
+def fingerprint(path: str | Path, processor, *, format: str, max_length: int, skip_bad: bool,
+                require_response: bool = True) -> str:
+    """The cache key (hex SHA-256) of a corpus: see the module docstring."""
+    key = {
+        "schema": SCHEMA_VERSION,
+        "files": _file_identity(path),
+        "format": format,
+        "require_response": require_response,
+        "skip_bad": skip_bad,
+        "max_length": max_length,
+        "processor": processor_identity(processor),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def processor_identity(processor) -> dict[str, Any]:
+    """What of a processor decides token lengths: tokenizer, chat template, image settings."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image = getattr(processor, "image_processor", None)
+    settings = image.to_dict() if image is not None and hasattr(image, "to_dict") else {}
+    for name in ("min_pixels", "max_pixels", "patch_size", "merge_size"):
+        if image is not None and getattr(image, name, None) is not None:
+            settings[name] = getattr(image, name)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    return {"tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab": len(tokenizer),
+            "class": type(processor).__name__, "chat_template": template, "image_processor": settings}
+
+
+def _file_identity(path: str | Path) -> list[list[Any]]:
+    text = str(path)
+    files = [Path(text)]
+    if "#" in text and not Path(text).exists():  # DIR#NAME: the index and the data file it names
+        index, name = text.rsplit("#", 1)
+        index = Path(index) / "dataset_info.json" if Path(index).is_dir() else Path(index)
+        files = [index]
+        try:
+            entry = json.loads(index.read_text(encoding="utf-8")).get(name) or {}
+            files.append(index.parent / str(entry.get("file_name", "")))
+        except (OSError, ValueError, AttributeError):
+            pass  # load_examples reports it
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(f), None, None])
+    return out
+
+
+# ---------------------------------------------------------------------------------- build / open
+
+
+def _try_open(target: Path) -> Corpus | None:
+    if not (target / MANIFEST).is_file():
+        return None
+    try:
+        corpus = Corpus(target)
+        _check_files(target, corpus.manifest["files"])
+        if len(corpus) != corpus.manifest["rows"]:
+            raise ValueError("row count")
+        return corpus
+    except Exception as e:  # noqa: BLE001 - any damage means: build again
+        log.warning("%s: corpus cache is damaged (%s: %s); rebuilding", target, type(e).__name__, e)
+        return None
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check_files(target: Path, expected: dict[str, int]) -> None:
+    found = _file_sizes(target / "data")
+    if found != expected:
+        raise ValueError("files differ from the manifest (truncated or partial cache)")
+
+
+def _read_manifest(cache: Path) -> dict[str, Any]:
+    return json.loads((cache / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _build(target: Path, key: str, path: str | Path, processor, format: str, max_length: int, skip_bad: bool,
+           require_response: bool, num_proc: int | None) -> Corpus:
+    import datasets
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=target.parent))
+    try:
+        stats: dict[str, Any] = {"n_bad": 0, "first_bad": "", "bad_file": str(path), "error": None}
+        features = datasets.Features({
+            "messages": datasets.Value("string"), "images": datasets.Sequence(datasets.Value("string")),
+            "image_bytes": datasets.Sequence(datasets.Value("binary")), "answer": datasets.Value("string"),
+            "meta": datasets.Value("string"), "source": datasets.Value("string"),
+        })
+        was_enabled = datasets.is_caching_enabled()
+        datasets.disable_caching()  # nothing of this build may be found again by `datasets` itself
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.Dataset.from_generator(
+                _rows, features=features, cache_dir=str(tmp / "hf"),
+                gen_kwargs={"path": path, "format": format, "require_response": require_response,
+                            "skip_bad": skip_bad, "stats": stats})
+        except Exception:  # `datasets` reports a generator that stopped on an error its own way
+            if stats["error"] is not None:
+                raise stats["error"] from None
+            if not stats.get("rows"):
+                bad = f" ({stats['n_bad']} bad ones skipped)" if stats["n_bad"] else ""
+                raise DataError(f"{path}: no examples{bad}") from None
+            raise
+        finally:
+            if was_enabled:
+                datasets.enable_caching()
+        if stats["error"] is not None:
+            raise stats["error"]
+        if len(ds) == 0:
+            bad = f" ({stats['n_bad']} bad ones skipped)" if stats["n_bad"] else ""
+            raise DataError(f"{path}: no examples{bad}")
+        procs = num_proc if num_proc and num_proc > 1 and len(ds) > CHUNK else None
+        ds = ds.map(_measure, batched=True, batch_size=CHUNK, num_proc=procs, fn_kwargs={"processor": processor},
+                    features=datasets.Features({**features, "length": datasets.Value("int32")}),
+                    new_fingerprint=key[:48] + "-length", desc="measuring")
+        n_all = len(ds)
+        ds = ds.filter(lambda n: [x <= max_length for x in n], input_columns="length", batched=True,
+                       batch_size=CHUNK * 16, num_proc=procs, new_fingerprint=key[:48] + "-kept")
+        if len(ds) == 0:
+            raise DataError(f"{path}: no examples left after filtering by data.max_length={max_length}")
+        kept = len(ds)
+        ds.save_to_disk(str(tmp / "data"))
+        del ds
+        shutil.rmtree(tmp / "hf", ignore_errors=True)
+        manifest = {"schema": SCHEMA_VERSION, "key": key, "path": str(path), "rows": kept, "n_dropped": n_all - kept,
+                    "n_bad": stats["n_bad"], "first_bad": stats["first_bad"], "bad_file": stats["bad_file"],
+                    "files": _file_sizes(tmp / "data")}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks it whole
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its cache
+            if _try_open(target) is None:
+                raise
+        return Corpus(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rows(path: str | Path, format: str, require_response: bool, skip_bad: bool, stats: dict[str, Any]
+          ) -> Iterator[dict[str, Any]]:
+    """One row per valid example, streamed (plain files); the first error (without skip_bad) is kept in
+    `stats["error"]` and ends the stream, so that it reaches the caller unwrapped."""
+    try:
+        for example in _examples(path, format, require_response, skip_bad, stats):
+            stats["rows"] = stats.get("rows", 0) + 1
+            yield _row(example)
+    except DataError as e:
+        stats["error"] = e
+
+
+def _examples(path: str | Path, format: str, require_response: bool, skip_bad: bool, stats: dict[str, Any]
+              ) -> Iterator[Example]:
+    """`load_examples(path, format, require_response=..., skip_bad=...)`, one example at a time."""
+    if format not in ("auto", *PARSERS):
+        raise ValueError(f"unknown data format {format!r}; expected auto, {', '.join(PARSERS)}")
+    file = Path(path)
+    if not file.is_file() or file.name == "dataset_info.json":  # DIR#NAME and every error: as load_examples
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            examples = load_examples(path, format, require_response=require_response, skip_bad=skip_bad)
+        for w in caught:
+            message = str(w.message)
+            if ": skipped " in message and " bad example(s); first: " in message:
+                file_part, rest = message.split(": skipped ", 1)
+                count, first = rest.split(" bad example(s); first: ", 1)
+                stats.update(bad_file=file_part, n_bad=int(count), first_bad=first)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        yield from examples
+        return
+    parse = PARSERS[_detect_format(file) if format == "auto" else format]
+    for source, record in _read_records(file):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            example = parse(record, file.parent, source)
+            _validate(example, require_response, False, True)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats["n_bad"] += 1
+            stats["first_bad"] = stats["first_bad"] or str(e)
+            continue
+        yield example
+
+
+def _row(example: Example) -> dict[str, Any]:
+    images, blobs = [], []
+    for ref in example.images:
+        if isinstance(ref, str):
+            images.append(ref)
+            continue
+        if isinstance(ref, Image.Image):
+            buffer = io.BytesIO()
+            ref.save(buffer, format="PNG")  # lossless: the same pixels come back
+            ref = buffer.getvalue()
+        images.append(BYTES_REF)
+        blobs.append(bytes(ref))
+    return {"messages": json.dumps(example.messages, ensure_ascii=False), "images": images, "image_bytes": blobs,
+            "answer": example.answer, "meta": json.dumps(example.meta, ensure_ascii=False, default=str),
+            "source": example.source}
+
+
+def _example(row: dict[str, Any]) -> Example:
+    blobs = iter(row["image_bytes"] or [])
+    images = [next(blobs) if ref == BYTES_REF else ref for ref in row["images"] or []]
+    return Example(messages=json.loads(row["messages"]), images=images, answer=row["answer"],
+                   meta=json.loads(row["meta"]), source=row["source"])
+
+
+def _measure(rows: dict[str, list], processor) -> dict[str, list]:
+    n = len(rows["messages"])
+    examples = [_example({k: rows[k][j] for k in rows}) for j in range(n)]
+    return {"length": token_lengths(processor, examples)}

@@ -1,0 +1,47 @@
+"""Batches built ahead of the training step in loader worker processes.
+
+    batches = step_loader(lambda step: collate_step(step), first=start + 1, last=max_steps, workers=2)
+    for step in range(start + 1, max_steps + 1):
+        batch = next(batches)
+
+A stage's batch is a pure function of its step (`prism.data.order`), so the loader needs no state of
+its own: a resumed run starts it at the resumed step and gets exactly the batches the uninterrupted
+run would have had, with or without workers. Workers (a `torch.utils.data.DataLoader` over step
+numbers) decode images, apply the chat template and run the processor while the trainer computes;
+each keeps `prefetch` steps ready and uses one torch thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+T = TypeVar("T")
+
+
+class _Steps(Dataset):
+    def __init__(self, make: Callable[[int], T], first: int, last: int):
+        self.make, self.first, self.last = make, first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def __getitem__(self, i: int):
+        return self.make(self.first + i)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # workers share the cores with the trainer
+
+
+def step_loader(make: Callable[[int], T], first: int, last: int, workers: int = 0, prefetch: int = 2) -> Iterator[T]:
+    """`make(step)` for step = first .. last, in order: in this process (`workers` 0) or built ahead by
+    `workers` loader processes, `prefetch` steps each."""
+    if workers == 0:
+        return (make(step) for step in range(first, last + 1))
+    loader = DataLoader(_Steps(make, first, last), batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=prefetch, worker_init_fn=_one_thread)
+    return iter(loader)

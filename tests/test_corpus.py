@@ -54,13 +54,13 @@ def data(tmp_path) -> Path:
 def parses(monkeypatch) -> list[int]:
     """How many builds parsed the data file."""
     calls: list[int] = []
-    real = corpus_module._examples
+    real = corpus_module.iter_examples
 
     def counted(*args, **kwargs):
         calls.append(1)
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(corpus_module, "_examples", counted)
+    monkeypatch.setattr(corpus_module, "iter_examples", counted)
     return calls
 
 

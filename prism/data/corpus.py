@@ -42,13 +42,7 @@ from PIL import Image
 from prism.core.errors import DataError
 from prism.core.example import Example
 from prism.data.collate import token_lengths
-from prism.data.formats import (
-    PARSERS,
-    _detect_format,
-    _read_records,
-    _validate,
-    load_examples,
-)
+from prism.data.formats import Skipped, dataset_reference, iter_examples, resolve_source
 
 log = logging.getLogger("prism.data.corpus")
 
@@ -190,17 +184,14 @@ def processor_identity(processor) -> dict[str, Any]:
 
 
 def _file_identity(path: str | Path) -> list[list[Any]]:
-    text = str(path)
-    files = [Path(text)]
-    if "#" in text and not Path(text).exists():  # DIR#NAME: the index and the data file it names
-        index, name = text.rsplit("#", 1)
-        index = Path(index) / "dataset_info.json" if Path(index).is_dir() else Path(index)
-        files = [index]
+    files = [Path(str(path))]
+    reference = dataset_reference(path)
+    if reference is not None:  # DIR#NAME: the index and the data file it names
+        files = [reference[0]]
         try:
-            entry = json.loads(index.read_text(encoding="utf-8")).get(name) or {}
-            files.append(index.parent / str(entry.get("file_name", "")))
-        except (OSError, ValueError, AttributeError):
-            pass  # load_examples reports it
+            files.append(resolve_source(path)[0])
+        except DataError:
+            pass  # the build reports it
     out = []
     for f in files:
         try:
@@ -249,7 +240,8 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=target.parent))
     try:
-        stats: dict[str, Any] = {"n_bad": 0, "first_bad": "", "bad_file": str(path), "error": None}
+        skipped = Skipped(file=Path(str(path)))
+        stats: dict[str, Any] = {"skipped": skipped, "error": None}
         features = datasets.Features({
             "messages": datasets.Value("string"), "images": datasets.Sequence(datasets.Value("string")),
             "image_bytes": datasets.Sequence(datasets.Value("binary")), "answer": datasets.Value("string"),
@@ -267,8 +259,8 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
             if stats["error"] is not None:
                 raise stats["error"] from None
             if not stats.get("rows"):
-                bad = f" ({stats['n_bad']} bad ones skipped)" if stats["n_bad"] else ""
-                raise DataError(f"{path}: no examples{bad}") from None
+                bad = f" ({skipped.n} bad ones skipped)" if skipped.n else ""
+                raise DataError(f"{skipped.file}: no examples{bad}") from None
             raise
         finally:
             if was_enabled:
@@ -276,8 +268,8 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
         if stats["error"] is not None:
             raise stats["error"]
         if len(ds) == 0:
-            bad = f" ({stats['n_bad']} bad ones skipped)" if stats["n_bad"] else ""
-            raise DataError(f"{path}: no examples{bad}")
+            bad = f" ({skipped.n} bad ones skipped)" if skipped.n else ""
+            raise DataError(f"{skipped.file}: no examples{bad}")
         procs = num_proc if num_proc and num_proc > 1 and len(ds) > CHUNK else None
         ds = ds.map(_measure, batched=True, batch_size=CHUNK, num_proc=procs, fn_kwargs={"processor": processor},
                     features=datasets.Features({**features, "length": datasets.Value("int32")}),
@@ -292,7 +284,7 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
         del ds
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         manifest = {"schema": SCHEMA_VERSION, "key": key, "path": str(path), "rows": kept, "n_dropped": n_all - kept,
-                    "n_bad": stats["n_bad"], "first_bad": stats["first_bad"], "bad_file": stats["bad_file"],
+                    "n_bad": skipped.n, "first_bad": skipped.first, "bad_file": str(skipped.file),
                     "files": _file_sizes(tmp / "data")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks it whole
         try:
@@ -307,50 +299,16 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
 
 def _rows(path: str | Path, format: str, require_response: bool, skip_bad: bool, stats: dict[str, Any]
           ) -> Iterator[dict[str, Any]]:
-    """One row per valid example, streamed (plain files); the first error (without skip_bad) is kept in
-    `stats["error"]` and ends the stream, so that it reaches the caller unwrapped."""
+    """One row per valid example, streamed (`prism.data.formats.iter_examples`, the reader of
+    `load_examples`); the first error (without skip_bad) is kept in `stats["error"]` and ends the stream,
+    so that it reaches the caller unwrapped. What skip_bad dropped is counted in `stats["skipped"]`."""
     try:
-        for example in _examples(path, format, require_response, skip_bad, stats):
+        for example in iter_examples(path, format, require_response=require_response, skip_bad=skip_bad,
+                                     skipped=stats["skipped"]):
             stats["rows"] = stats.get("rows", 0) + 1
             yield _row(example)
     except DataError as e:
         stats["error"] = e
-
-
-def _examples(path: str | Path, format: str, require_response: bool, skip_bad: bool, stats: dict[str, Any]
-              ) -> Iterator[Example]:
-    """`load_examples(path, format, require_response=..., skip_bad=...)`, one example at a time."""
-    if format not in ("auto", *PARSERS):
-        raise ValueError(f"unknown data format {format!r}; expected auto, {', '.join(PARSERS)}")
-    file = Path(path)
-    if not file.is_file() or file.name == "dataset_info.json":  # DIR#NAME and every error: as load_examples
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            examples = load_examples(path, format, require_response=require_response, skip_bad=skip_bad)
-        for w in caught:
-            message = str(w.message)
-            if ": skipped " in message and " bad example(s); first: " in message:
-                file_part, rest = message.split(": skipped ", 1)
-                count, first = rest.split(" bad example(s); first: ", 1)
-                stats.update(bad_file=file_part, n_bad=int(count), first_bad=first)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        yield from examples
-        return
-    parse = PARSERS[_detect_format(file) if format == "auto" else format]
-    for source, record in _read_records(file):
-        try:
-            if isinstance(record, DataError):
-                raise record
-            example = parse(record, file.parent, source)
-            _validate(example, require_response, False, True)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            stats["n_bad"] += 1
-            stats["first_bad"] = stats["first_bad"] or str(e)
-            continue
-        yield example
 
 
 def _row(example: Example) -> dict[str, Any]:

@@ -31,7 +31,9 @@ import io
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,14 +80,28 @@ def load_examples(
     `DIR#NAME` or `DIR/dataset_info.json#NAME` loads LLaMA-Factory dataset NAME (see
     `load_dataset_info`; `format` is then ignored: the entry's `formatting` decides).
     """
+    return _load(*resolve_source(path, format), require_response, require_answer, skip_bad, verify_images, limit)
+
+
+def dataset_reference(path: str | Path) -> tuple[Path, str] | None:
+    """(dataset_info.json, NAME) when `path` names a LLaMA-Factory dataset (`DIR#NAME` or
+    `DIR/dataset_info.json#NAME`, and is not itself an existing file); else None."""
+    text = str(path)
+    if "#" not in text or Path(text).exists():
+        return None
+    index, name = text.rsplit("#", 1)
+    index_path = Path(index)
+    return (index_path / DATASET_INFO if index_path.is_dir() else index_path), name
+
+
+def resolve_source(path: str | Path, format: str = "auto") -> tuple[Path, Parser, Path]:
+    """(data file, record parser, folder image paths are relative to) of a data path: a file, or a
+    LLaMA-Factory dataset by name (`dataset_reference`). Every fault is one line (DataError)."""
     if format not in ("auto", *PARSERS):
         raise ValueError(f"unknown data format {format!r}; expected auto, {', '.join(PARSERS)}")
-    options: dict[str, Any] = {"require_response": require_response, "require_answer": require_answer,
-                               "skip_bad": skip_bad, "verify_images": verify_images, "limit": limit}
-    text = str(path)
-    if "#" in text and not Path(text).exists():  # DIR#NAME: a LLaMA-Factory dataset by name
-        index, name = text.rsplit("#", 1)
-        return load_dataset_info(index, name, **options)
+    reference = dataset_reference(path)
+    if reference is not None:
+        return _dataset_source(*reference)
     path = Path(path)
     if path.is_dir() and (path / DATASET_INFO).is_file():
         raise DataError(_index_hint(path / DATASET_INFO, path))
@@ -93,8 +109,26 @@ def load_examples(
         raise DataError(f"{path}: data file not found")
     if path.name == DATASET_INFO:
         raise DataError(_index_hint(path, path))
-    parse = PARSERS[_detect_format(path) if format == "auto" else format]
-    return _load(path, parse, path.parent, **options)
+    return path, PARSERS[_detect_format(path) if format == "auto" else format], path.parent
+
+
+@dataclass
+class Skipped:
+    """The bad examples `skip_bad` dropped while reading `file`: how many, and the first one's error."""
+
+    file: Path | None = None
+    n: int = 0
+    first: str = ""
+
+
+def iter_examples(path: str | Path, format: str = "auto", *, require_response: bool = False,
+                  require_answer: bool = False, skip_bad: bool = False, verify_images: bool = True,
+                  skipped: Skipped | None = None) -> Iterator[Example]:
+    """`load_examples` one example at a time, without holding the file (what `skip_bad` drops is counted
+    in `skipped`; no warning, and no error when nothing is left: the caller decides)."""
+    file, parse, root = resolve_source(path, format)
+    yield from _stream(file, parse, root, require_response, require_answer, skip_bad, verify_images,
+                       skipped if skipped is not None else Skipped())
 
 
 def load_dataset_info(
@@ -124,6 +158,12 @@ def load_dataset_info(
     """
     index = Path(dataset_dir)
     index = index / DATASET_INFO if index.is_dir() else index
+    return _load(*_dataset_source(index, name, media_dir), require_response, require_answer, skip_bad, verify_images,
+                 limit)
+
+
+def _dataset_source(index: Path, name: str, media_dir: str | Path | None = None) -> tuple[Path, Parser, Path]:
+    """(data file, record parser, image folder) of entry `name` of the dataset index `index`."""
     if not index.is_file():
         raise DataError(f"{index}: LLaMA-Factory dataset index not found (a dataset is named as DIR#NAME "
                         f"or DIR/{DATASET_INFO}#NAME)")
@@ -159,17 +199,13 @@ def load_dataset_info(
             return parse_sharegpt(_from_sharegpt_columns(record, columns, tags, source), root, source)
         return parse_sharegpt(_from_alpaca_columns(record, columns, source), root, source)
 
-    return _load(data_file, parse, root, require_response, require_answer, skip_bad, verify_images, limit)
+    return data_file, parse, root
 
 
-def _load(
-    path: Path, parse: Parser, root: Path, require_response: bool, require_answer: bool, skip_bad: bool,
-    verify_images: bool, limit: int | None,
-) -> list[Example]:
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    examples: list[Example] = []
-    n_bad, first_reason = 0, ""
+def _stream(path: Path, parse: Parser, root: Path, require_response: bool, require_answer: bool, skip_bad: bool,
+            verify_images: bool, skipped: Skipped) -> Iterator[Example]:
+    """The valid examples of `path`, read and parsed one record at a time."""
+    skipped.file = path
     for source, record in _read_records(path):
         try:
             if isinstance(record, DataError):  # a line that was not a JSON object
@@ -179,15 +215,24 @@ def _load(
         except DataError as e:
             if not skip_bad:
                 raise
-            n_bad, first_reason = n_bad + 1, first_reason or str(e)
+            skipped.n, skipped.first = skipped.n + 1, skipped.first or str(e)
             continue
-        examples.append(example)
-        if limit is not None and len(examples) >= limit:
-            break
-    if n_bad:
-        warnings.warn(f"{path}: skipped {n_bad} bad example(s); first: {first_reason}", stacklevel=3)
+        yield example
+
+
+def _load(
+    path: Path, parse: Parser, root: Path, require_response: bool, require_answer: bool, skip_bad: bool,
+    verify_images: bool, limit: int | None,
+) -> list[Example]:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    skipped = Skipped()
+    examples = list(islice(_stream(path, parse, root, require_response, require_answer, skip_bad, verify_images,
+                                   skipped), limit))  # stops reading at `limit`
+    if skipped.n:
+        warnings.warn(f"{path}: skipped {skipped.n} bad example(s); first: {skipped.first}", stacklevel=3)
     if not examples:
-        raise DataError(f"{path}: no examples" + (f" ({n_bad} bad ones skipped)" if n_bad else ""))
+        raise DataError(f"{path}: no examples" + (f" ({skipped.n} bad ones skipped)" if skipped.n else ""))
     return examples
 
 

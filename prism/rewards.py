@@ -39,7 +39,6 @@ import importlib
 import inspect
 import logging
 import re
-from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -226,7 +225,7 @@ def bind_reward(name: str, answer_format: str = "answer", key: str = "reward.fun
 
 
 class _Weighted:
-    """One weights dict, resolved: r = Σ_k w_k · f_k(responses, examples)."""
+    """One weights dict (`key` names it in errors), resolved: r = Σ_k w_k · f_k(responses, examples)."""
 
     def __init__(self, weights: Mapping[str, float], answer_format: str, key: str):
         if not weights:
@@ -234,30 +233,29 @@ class _Weighted:
         self.key, self.weights = key, dict(weights)
         self.fns = {name: bind_reward(name, answer_format, key) for name in self.weights}
 
-
-def _score(weights: Mapping[str, float], fns: Mapping[str, RewardFn], key: str, responses: Sequence[str],
-           examples: Sequence[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    parts = {}
-    for name, fn in fns.items():
-        try:
-            values = list(fn(responses, examples))
-        except (RunError, ConfigError):
-            raise
-        except Exception as e:  # noqa: BLE001 - a user function's failure becomes a one-line error
-            raise RunError(f"{key}: {name!r} raised {_one_line(e)}") from None
-        if len(values) != len(responses):
-            raise RunError(f"{key}: {name!r} returned {len(values)} scores for {len(responses)} "
-                           "responses; it must return one per response")
-        try:
-            parts[name] = torch.tensor(values, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise RunError(f"{key}: {name!r} returned scores that are not numbers ({_one_line(e)})") from None
-        bad = (~torch.isfinite(parts[name])).nonzero().flatten().tolist()
-        if bad:
-            raise RunError(f"{key}: {name!r} returned {parts[name][bad[0]].item()} for {len(bad)} of "
-                           f"{len(values)} responses (first: {examples[bad[0]].source}); rewards must be finite")
-    total = sum(weights[n] * v for n, v in parts.items())
-    return total, parts
+    def __call__(self, responses: Sequence[str],
+                 examples: Sequence[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total [N], {name: [N]} per function before weighting); a function's fault is one line."""
+        key, parts = self.key, {}
+        for name, fn in self.fns.items():
+            try:
+                values = list(fn(responses, examples))
+            except (RunError, ConfigError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a user function's failure becomes a one-line error
+                raise RunError(f"{key}: {name!r} raised {_one_line(e)}") from None
+            if len(values) != len(responses):
+                raise RunError(f"{key}: {name!r} returned {len(values)} scores for {len(responses)} "
+                               "responses; it must return one per response")
+            try:
+                parts[name] = torch.tensor(values, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise RunError(f"{key}: {name!r} returned scores that are not numbers ({_one_line(e)})") from None
+            bad = (~torch.isfinite(parts[name])).nonzero().flatten().tolist()
+            if bad:
+                raise RunError(f"{key}: {name!r} returned {parts[name][bad[0]].item()} for {len(bad)} of "
+                               f"{len(values)} responses (first: {examples[bad[0]].source}); rewards must be finite")
+        return sum(self.weights[n] * v for n, v in parts.items()), parts
 
 
 class RewardModel:
@@ -268,14 +266,10 @@ class RewardModel:
     the rows of that source (others use `weights`).
     """
 
-    answer_format = "answer"
-    routes: Mapping[str, _Weighted] = MappingProxyType({})
-
     def __init__(self, weights: Mapping[str, float] = DEFAULT_REWARD, answer_format: str = "answer",
                  by_data_source: Mapping[str, Mapping[str, float]] | None = None):
         self.answer_format = check_answer_format(answer_format, "reward.answer_format")
-        default = _Weighted(weights, answer_format, "reward.functions")
-        self.weights, self.fns = default.weights, default.fns
+        self.default = _Weighted(weights, answer_format, "reward.functions")
         self.routes = {str(src): _Weighted(w, answer_format, f"reward.by_data_source.{src}")
                        for src, w in (by_data_source or {}).items()}
 
@@ -288,20 +282,14 @@ class RewardModel:
         `by_data_source`, a component that only some sources use is NaN on the other rows.
         """
         n = len(responses)
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[str | None, list[int]] = {}  # rows per route (None: reward.functions)
         for i, ex in enumerate(examples):
-            src = ex.data_source
-            groups.setdefault(src if src in self.routes else None, []).append(i)
+            groups.setdefault(ex.data_source if ex.data_source in self.routes else None, []).append(i)
         total = torch.zeros(n)
         parts: dict[str, torch.Tensor] = {}
         for src, rows in groups.items():
-            scorer = self if src is None else self.routes[src]
-            key = "reward.functions" if src is None else self.routes[src].key
-            if len(groups) == 1:
-                sub_r, sub_e = responses, examples
-            else:
-                sub_r, sub_e = [responses[i] for i in rows], [examples[i] for i in rows]
-            sub_total, sub_parts = _score(scorer.weights, scorer.fns, key, sub_r, sub_e)
+            scorer = self.default if src is None else self.routes[src]
+            sub_total, sub_parts = scorer([responses[i] for i in rows], [examples[i] for i in rows])
             idx = torch.tensor(rows, dtype=torch.long)
             total[idx] = sub_total
             for name, v in sub_parts.items():

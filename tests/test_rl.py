@@ -123,8 +123,7 @@ def _collector(rounds, batch_size=2, G=2, max_rounds=3):
                                        "algo.name=dapo", f"algo.max_num_gen_batches={max_rounds}",
                                        "algo.overlong_buffer=0", "algo.filter_metric=reward"])
     prompts = [Example(messages=[{"role": "user", "content": f"q{i}"}], answer="1") for i in range(8)]
-    rewards = RewardModel.__new__(RewardModel)
-    rewards.weights, rewards.fns = {"value": 1.0}, {"value": _value_reward}
+    rewards = RewardModel({f"{__name__}:_value_reward": 1.0})  # this module's reward, imported by name
     return rl.BatchCollector(cfg, _Acc(), _FakeBackend(rounds, G), prompts, rewards)
 
 

@@ -37,8 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from prism.core.errors import ConfigError, DataError, RunError
-from prism.models.loader import check_weights
+from prism.core.errors import ConfigError, RunError
+from prism.models.loader import safetensors_fault
 
 log = logging.getLogger("prism")
 
@@ -87,10 +87,9 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, {size} were saved"
     for f in sorted(ckpt.rglob("*.safetensors")):
-        try:
-            check_weights(f, key=str(ckpt))
-        except DataError as e:
-            return str(e).split(": ", 1)[-1]
+        why = safetensors_fault(f)
+        if why:
+            return f"{f.relative_to(ckpt)} is truncated or corrupt ({why})"
     for f in sorted(ckpt.rglob("*.pt")):
         try:
             with zipfile.ZipFile(f):

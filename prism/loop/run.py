@@ -114,7 +114,7 @@ def claim_output_dir(cfg, accelerator: Accelerator, out: Path, resume: str | Non
 
     Every process decides the same way; only the main process changes files, then all wait for it."""
     resume = cfg.train.resume if resume is None else resume
-    overwrite = getattr(cfg.train, "overwrite", False)
+    overwrite = cfg.train.overwrite
     ckpt, broken = find_resume(resume, out)
     others: list[Path] = []  # checkpoints of another run (or of an abandoned future of this one)
     wipe = False

@@ -96,12 +96,12 @@ def check_weights(path: str | Path, key: str = "model.path") -> None:
     else:
         files = [path]
     for file in files:
-        why = _safetensors_fault(file)
+        why = safetensors_fault(file)
         if why:
             raise DataError(f"{key}: {file} is truncated or corrupt ({why})")
 
 
-def _safetensors_fault(file: Path) -> str | None:
+def safetensors_fault(file: Path) -> str | None:
     """Why the safetensors `file` is not whole, or None; reads the header only."""
     try:
         size = file.stat().st_size

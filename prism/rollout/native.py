@@ -200,6 +200,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, suppress: torch.Te
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _static(keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Mark the cache buffers as fixed addresses: the CUDA graph writes into them in place."""
+    for buf in (*keys, *values):
+        torch._dynamo.mark_static_address(buf)
+
+
 def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -309,8 +315,7 @@ class NativeBackend:
             values[i][:, :, :P] = v[pick]
         del kv
         if compiled is not None and device.type == "cuda":
-            for buf in (*keys, *values):  # in-place cache writes inside the CUDA graph
-                torch._dynamo.mark_static_address(buf)
+            _static(keys, values)
         mask = torch.zeros(held, S, dtype=torch.bool, device=device)
         mask[:, :P] = inputs["attention_mask"].bool()[pick]
         positions = self._next_positions(inputs)[pick]
@@ -341,8 +346,7 @@ class NativeBackend:
                 keys, values = [k[idx] for k in keys], [v[idx] for v in values]
                 mask, positions = mask[idx], positions[idx]
                 if compiled is not None and device.type == "cuda":
-                    for buf in (*keys, *values):
-                        torch._dynamo.mark_static_address(buf)
+                    _static(keys, values)
             if held > len(tokens):  # the held rows past the live ones read any token
                 tokens = torch.cat([tokens, tokens[:1].expand(held - len(tokens))])
             slot = P + t

@@ -3,7 +3,8 @@
 # Qwen3-VL-shaped model with random weights (the first also measures rollouts). One JSON per set-up
 # goes to $1 (default gpu-results/), the printed figures to $1/gpu_suite.log; then
 #   prism-pipeline report ... --gpu gpu-results/*.json
-# docs/gpu/ holds the files of the run that docs/results.md reports (H100, torch 2.11, transformers 5.24).
+# docs/gpu/ holds the files of the run that docs/results.md reports (H100, torch 2.11, transformers 5.24);
+# docs/gpu/h200/ the samplers and the compiled SFT step on an H200 (torch 2.11, transformers 5.17).
 set -u
 out=${1:-gpu-results}
 mkdir -p "$out"
@@ -19,6 +20,7 @@ run() {
         | grep -v -i warn | tee -a "$log"
 }
 run 1.7b-chunked --size 1.7b --batch 8 --seq 2048                                # prism-sft's default loss
+run 1.7b-rollouts --size 1.7b --skip-sft --backends native,hf,native+compile     # the three samplers
 run 1.7b-full    --size 1.7b --batch 8 --seq 2048 --loss full --skip-rollout     # the model's full logits
 run 1.7b-long    --size 1.7b --batch 2 --seq 8192 --skip-rollout                 # long responses
 run 4b-ckpt      --size 4b   --batch 8 --seq 2048 --checkpointing --skip-rollout # a 4B policy, checkpointed

@@ -19,11 +19,14 @@ labelled token (the positions whose prediction the loss needs), and the frozen v
 2·N_vision per image patch; recomputation (checkpointing) is not counted. The peak is the dense bf16
 figure of the GPU (`--peak-tflops`, or looked up: H100 SXM / H200 989, A100 312).
 
-Rollouts. prism's rollout engine (`--backend`: native, prism's sampler, with `--gen-compile` its compiled
-decode step (CUDA graphs); or hf, transformers' generate) on `--gen-prompts` prompts × `--gen-n`
-samples, `--gen-tokens` new tokens each (EOS suppressed so every sequence runs to the end): generated
-tokens per second, and the ratio to the memory-bandwidth bound of decoding (every step reads the
-weights once: tokens/s ≤ batch × bandwidth / weight bytes).
+Rollouts. prism's rollout engine on `--gen-prompts` prompts × `--gen-n` samples, `--gen-tokens` new
+tokens each (EOS suppressed so every sequence runs to the end), for each of `--backends` on the same
+model and prompts: `native` (prism's sampler), `native+compile` (its compiled decode step, CUDA graphs)
+and `hf` (transformers' generate, the baseline of the printed ratios). Generated tokens per second,
+the ratio to hf, and the fraction of the memory-bandwidth bound of decoding (every step reads the
+weights once: tokens/s ≤ batch × bandwidth / weight bytes), and of the tighter bound that also counts
+the KV cache each step must read at least once (mean live length: prompt + half the response), which
+dominates at large batches. `--skip-sft` measures rollouts only.
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ def sft_mfu(model, cfg, a) -> dict:
             "lm_params_b": lm / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if a.device == "cuda" else float("nan")}
 
 
-def rollout_throughput(model, processor, a) -> dict:
+def rollout_throughput(model, processor, a, backend_name: str) -> dict:
     """prism's rollout engine on synthetic image + question prompts (random weights: EOS almost never sampled)."""
     import numpy as np
     from PIL import Image
@@ -168,7 +171,8 @@ def rollout_throughput(model, processor, a) -> dict:
                         images=[Image.fromarray(rng.integers(0, 255, (a.image_px, a.image_px, 3), dtype=np.uint8))])
                 for _ in range(a.gen_prompts)]
     model.eval()
-    backend = make_backend(a.backend, model, processor, a.gen_prompts * a.gen_n, compile=a.gen_compile)
+    name, _, extra = backend_name.partition("+")
+    backend = make_backend(name, model, processor, a.gen_prompts * a.gen_n, compile=extra == "compile")
     # warm-up at the measured batch size (the compiled step compiles / records its graphs here)
     backend.rollout(examples, SamplingParams(n=a.gen_n, temperature=1.0, max_new_tokens=8))
     sync(a.device)
@@ -177,8 +181,18 @@ def rollout_throughput(model, processor, a) -> dict:
     sync(a.device)
     seconds = time.perf_counter() - t0
     tokens = int(r.response_lengths.sum())
+    text = model.config.text_config
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2  # K and V, bf16
+    live = float(r.prompt["attention_mask"].sum(1).float().mean()) + a.gen_tokens / 2
+    kv_gb = len(r) * live * kv_per_token / 2 ** 30  # KV bytes one decode step reads, on average
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "weight_gb": weight_bytes / 2 ** 30}
+    if extra == "compile" and not getattr(backend, "compile", False):
+        print(f"rollouts [{backend_name}]: compiling failed, the figure below is the eager step's")
+    del backend, r
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "weight_gb": weight_bytes / 2 ** 30,
+            "kv_gb": kv_gb}
 
 
 def main() -> None:
@@ -196,8 +210,9 @@ def main() -> None:
     p.add_argument("--logits-chunk", type=int, default=2048)
     p.add_argument("--skip-rollout", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for the SFT step")
-    p.add_argument("--backend", choices=["native", "hf"], default="native", help="rollout backend")
-    p.add_argument("--gen-compile", action="store_true", help="native: compiled decode step (CUDA graphs)")
+    p.add_argument("--skip-sft", action="store_true")
+    p.add_argument("--backends", default="native",
+                   help="comma-separated rollout backends: native, native+compile, hf (the fastest is the JSON's headline)")
     p.add_argument("--gen-prompts", type=int, default=16)
     p.add_argument("--gen-n", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=512)
@@ -215,30 +230,46 @@ def main() -> None:
           f"parameters, attention {a.attn}, batch {a.batch} x {a.seq} tokens ({a.image_px}px image each)")
     figures = {"device": name, "size": a.size, "attn": a.attn, "batch": a.batch, "seq": a.seq, "loss": a.loss,
                "checkpointing": a.checkpointing, "compile": a.compile, "peak_tflops": peak}
-    try:
-        sft = sft_mfu(model, cfg, a)
-    except torch.OutOfMemoryError:
-        print(f"SFT step: out of GPU memory at batch {a.batch} x {a.seq} (loss {a.loss}, checkpointing "
-              f"{a.checkpointing})")
-        figures["sft_oom"] = True
-    else:
-        mfu = sft["model_tflops"] / peak if not math.isnan(peak) else float("nan")
-        print(f"SFT step ({a.loss} loss, checkpointing {a.checkpointing}, compile {a.compile}): "
-              f"{sft['step_s'] * 1000:.0f} ms, "
-              f"{sft['tokens_per_s']:.0f} tokens/s, {sft['model_tflops']:.1f} model TFLOP/s, "
-              f"peak memory {sft['peak_mem_gb']:.1f} GB")
-        print(f"SFT MFU: {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
-        figures.update(sft_step_s=sft["step_s"], sft_tokens_per_s=sft["tokens_per_s"], sft_mfu=mfu,
-                       sft_peak_mem_gb=sft["peak_mem_gb"])
+    if not a.skip_sft:
+        try:
+            sft = sft_mfu(model, cfg, a)
+        except torch.OutOfMemoryError:
+            print(f"SFT step: out of GPU memory at batch {a.batch} x {a.seq} (loss {a.loss}, checkpointing "
+                  f"{a.checkpointing})")
+            figures["sft_oom"] = True
+        else:
+            mfu = sft["model_tflops"] / peak if not math.isnan(peak) else float("nan")
+            print(f"SFT step ({a.loss} loss, checkpointing {a.checkpointing}, compile {a.compile}): "
+                  f"{sft['step_s'] * 1000:.0f} ms, "
+                  f"{sft['tokens_per_s']:.0f} tokens/s, {sft['model_tflops']:.1f} model TFLOP/s, "
+                  f"peak memory {sft['peak_mem_gb']:.1f} GB")
+            print(f"SFT MFU: {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
+            figures.update(sft_step_s=sft["step_s"], sft_tokens_per_s=sft["tokens_per_s"], sft_mfu=mfu,
+                           sft_peak_mem_gb=sft["peak_mem_gb"])
     if not a.skip_rollout:
-        gen = rollout_throughput(model, processor, a)
-        bound = a.gen_prompts * a.gen_n * bw * 1e12 / (gen["weight_gb"] * 2 ** 30) if not math.isnan(bw) else float("nan")
-        print(f"rollouts: {gen['tokens']} tokens in {gen['seconds']:.1f} s = {gen['tokens_per_s']:.0f} tokens/s "
-              f"({a.gen_prompts * a.gen_n} sequences); bandwidth bound {bound:.0f} tokens/s -> "
-              f"{100 * gen['tokens_per_s'] / bound:.1f}% of it")
-        figures.update(rollout_backend=a.backend + ("+compile" if a.gen_compile else ""),
-                       rollout_sequences=a.gen_prompts * a.gen_n, rollout_tokens_per_s=gen["tokens_per_s"],
-                       rollout_fraction_of_bandwidth_bound=gen["tokens_per_s"] / bound)
+        rows = []
+        for backend_name in [b.strip() for b in a.backends.split(",") if b.strip()]:
+            gen = rollout_throughput(model, processor, a, backend_name)
+            bound = (a.gen_prompts * a.gen_n * bw * 1e12 / (gen["weight_gb"] * 2 ** 30) if not math.isnan(bw)
+                     else float("nan"))
+            kv_bound = bound * gen["weight_gb"] / (gen["weight_gb"] + gen["kv_gb"])
+            rows.append({"backend": backend_name, "tokens_per_s": gen["tokens_per_s"], "seconds": gen["seconds"],
+                         "fraction_of_bandwidth_bound": gen["tokens_per_s"] / bound,
+                         "fraction_of_weights_kv_bound": gen["tokens_per_s"] / kv_bound})
+            print(f"rollouts [{backend_name}]: {gen['tokens']} tokens in {gen['seconds']:.1f} s = "
+                  f"{gen['tokens_per_s']:.0f} tokens/s ({a.gen_prompts * a.gen_n} sequences); bandwidth bound "
+                  f"{bound:.0f} tokens/s -> {100 * gen['tokens_per_s'] / bound:.1f}% of it; with the KV reads "
+                  f"({gen['kv_gb']:.1f} GB a step) {kv_bound:.0f} tokens/s -> "
+                  f"{100 * gen['tokens_per_s'] / kv_bound:.1f}%", flush=True)
+        base = next((r["tokens_per_s"] for r in rows if r["backend"] == "hf"), None)
+        if base:
+            for r in rows:
+                r["ratio_to_hf"] = r["tokens_per_s"] / base
+            print("rollouts, ratio to hf: " + ", ".join(f"{r['backend']} {r['ratio_to_hf']:.2f}x" for r in rows))
+        head = max(rows, key=lambda r: r["tokens_per_s"])
+        figures.update(rollout_backend=head["backend"], rollout_sequences=a.gen_prompts * a.gen_n,
+                       rollout_tokens_per_s=head["tokens_per_s"],
+                       rollout_fraction_of_bandwidth_bound=head["fraction_of_bandwidth_bound"], rollouts=rows)
     if a.out:
         a.out.write_text(json.dumps(figures, indent=2) + "\n")
 

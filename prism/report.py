@@ -133,6 +133,8 @@ def gpu_lines(runs: list[dict]) -> list[str]:
              "| model | batch x tokens | loss | checkpointing | compiled layers | step ms | tokens/s | MFU | peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
+        if "sft_mfu" not in r and not r.get("sft_oom"):
+            continue  # a rollouts-only file (--skip-sft)
         setup = (f"| {r['size']} | {r['batch']} x {r['seq']} | {r.get('loss', 'full')} | "
                  f"{'yes' if r.get('checkpointing') else 'no'} | {'yes' if r.get('compile') else 'no'} |")
         if r.get("sft_oom"):
@@ -142,11 +144,18 @@ def gpu_lines(runs: list[dict]) -> list[str]:
                          f"{100 * r['sft_mfu']:.1f}% | {r['sft_peak_mem_gb']:.1f} |")
     lines.append("")
     for r in runs:
-        if "rollout_tokens_per_s" in r:
-            lines.append(f"Rollouts ({r['size']}, prism's HF-generate engine, {r.get('rollout_sequences', '?')} "
-                         f"sequences at once): {r['rollout_tokens_per_s']:.0f} tokens/s, "
-                         f"{100 * r['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound.")
-    measured = [r for r in runs if not r.get("sft_oom")]
+        if "rollouts" in r:  # one row per backend measured on the same model and prompts
+            for g in r["rollouts"]:
+                ratio = f", {g['ratio_to_hf']:.2f}x hf" if "ratio_to_hf" in g else ""
+                lines.append(f"Rollouts ({r['size']}, backend {g['backend']}, {r['rollout_sequences']} sequences at "
+                             f"once): {g['tokens_per_s']:.0f} tokens/s{ratio}, "
+                             f"{100 * g['fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound.")
+        elif "rollout_tokens_per_s" in r:
+            lines.append(f"Rollouts ({r['size']}, backend {r.get('rollout_backend', 'hf')}, "
+                         f"{r.get('rollout_sequences', '?')} sequences at once): {r['rollout_tokens_per_s']:.0f} "
+                         f"tokens/s, {100 * r['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth "
+                         f"bound.")
+    measured = [r for r in runs if "sft_mfu" in r and not r.get("sft_oom")]
     if measured:
         best = max(measured, key=lambda r: r["sft_mfu"])
         verdict = "met" if best["sft_mfu"] >= 0.45 else "**not met**"

@@ -105,9 +105,21 @@ def test_gpu_section_has_a_row_per_setup_and_judges_the_mfu_target():
     text = "\n".join(gpu_lines([slow, oom]))
     assert "| 1.7b | 8 x 2048 | chunked | no | no | 720 | 22821 | 25.7% | 67.1 |" in text
     assert "| 1.7b | 8 x 2048 | full | no | no | out of memory | | | |" in text
-    assert "Rollouts (1.7b, prism's HF-generate engine, 128 sequences at once): 2000 tokens/s, 3.0%" in text
+    assert "Rollouts (1.7b, backend hf, 128 sequences at once): 2000 tokens/s, 3.0%" in text
     assert "SFT MFU target (>= 45%): **not met** — best 25.7%" in text
     assert "target (>= 45%): met — best 50.0% (1.7b, batch 8 x 2048, compiled layers)" in "\n".join(gpu_lines([GPU_RUN]))
+    # a rollouts-only file (--skip-sft, several backends): no table row, one line per backend with its ratio
+    rollouts = {"device": "H200", "size": "1.7b", "attn": "sdpa", "peak_tflops": 989.0, "rollout_sequences": 128,
+                "rollout_backend": "native+compile", "rollout_tokens_per_s": 8e3,
+                "rollout_fraction_of_bandwidth_bound": 0.08,
+                "rollouts": [{"backend": "native+compile", "tokens_per_s": 8e3, "fraction_of_bandwidth_bound": 0.08,
+                              "ratio_to_hf": 4.0},
+                             {"backend": "hf", "tokens_per_s": 2e3, "fraction_of_bandwidth_bound": 0.02,
+                              "ratio_to_hf": 1.0}]}
+    text = "\n".join(gpu_lines([slow, rollouts]))
+    assert text.count("| 1.7b |") == 1
+    assert "Rollouts (1.7b, backend native+compile, 128 sequences at once): 8000 tokens/s, 4.00x hf, 8.0%" in text
+    assert "Rollouts (1.7b, backend hf, 128 sequences at once): 2000 tokens/s, 1.00x hf, 2.0%" in text
 
 
 def test_bad_pipeline_configs_name_the_key(tmp_path):

@@ -6,7 +6,10 @@ Writes a sharegpt JSONL of N demonstrations referencing 2,000 distinct 224 px PN
 tiny model are made once in the workdir and reused), then measures, each in a fresh subprocess
 (so peak RSS is that of one launch): `Corpus.build_or_load` + the first collated batch
 (`SFTCollator` of the tiny model's processor), with an empty cache (cold) and again (warm), at N/4
-and N; and extrapolates both linearly to 1.37M examples.
+and N; and extrapolates both linearly to 1.37M examples. `--num-proc` readers build the cache (a
+JSONL file is split between them). Memory: the launch's peak RSS, and at the first batch what of it is
+private (anonymous) and what is the memory-mapped cache (file pages: shared between the processes of a
+run and reclaimable, so it does not add up across ranks); and the largest build reader's peak RSS.
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def launch(data: str, model: str, cache: str, num_proc: int | None) -> None:
     t3 = time.perf_counter()
     assert batch["input_ids"].shape[0] == BATCH
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    readers_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest build reader
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    anon_mb, file_mb = (int(status.get(k, "0 kB").split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
     print(json.dumps({"seconds": t3 - t0, "corpus_s": t2 - t1, "batch_s": t3 - t2, "rss_mb": rss_mb,
+                      "private_mb": anon_mb, "mapped_file_mb": file_mb, "reader_rss_mb": readers_mb,
                       "rows": len(corpus)}))
 
 
@@ -109,15 +116,19 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(cache, ignore_errors=True)
         results[n] = {"cold": measure(data, model, cache, args.num_proc), "warm": measure(data, model, cache, args.num_proc)}
         for kind, r in results[n].items():
+            readers = f", build readers {r['reader_rss_mb']:.0f} MB each at most" if r["reader_rss_mb"] else ""
             print(f"N={n:>9,} {kind}: launch-to-first-batch {r['seconds']:7.1f} s (corpus {r['corpus_s']:.1f} s), "
-                  f"peak RSS {r['rss_mb']:7.0f} MB", flush=True)
+                  f"peak RSS {r['rss_mb']:5.0f} MB (at the first batch: {r['private_mb']:.0f} MB private, "
+                  f"{r['mapped_file_mb']:.0f} MB mapped files: the cache, shared page cache){readers}", flush=True)
     small, large = args.n // 4, args.n
     for kind in ("cold", "warm"):
         r = results[large][kind]  # the corpus part scales with N; imports, processor and one batch do not
         corpus_s = extrapolate((small, results[small][kind]["corpus_s"]), (large, r["corpus_s"]))
         s = r["seconds"] - r["corpus_s"] + max(corpus_s, r["corpus_s"])
         m = extrapolate((small, results[small][kind]["rss_mb"]), (large, results[large][kind]["rss_mb"]))
-        print(f"N={TARGET:>9,} {kind} (linear from N={small:,} and N={large:,}): ~{s:.0f} s, ~{m:.0f} MB peak RSS")
+        private = extrapolate((small, results[small][kind]["private_mb"]), (large, results[large][kind]["private_mb"]))
+        print(f"N={TARGET:>9,} {kind} (linear from N={small:,} and N={large:,}): ~{s:.0f} s, ~{m:.0f} MB peak RSS, "
+              f"~{private:.0f} MB private")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,68 @@ def test_cache_root_from_prism_cache(data, tiny_processor, tmp_path, monkeypatch
     corpus = Corpus.build_or_load(data, tiny_processor, max_length=10_000)
     assert corpus.cache.parent == tmp_path / "pc" / "corpus"
     assert not list(corpus.cache.parent.glob(".*"))  # no temporary folder left behind
+
+
+def test_shards_split_a_jsonl_file_at_line_starts(tmp_path):
+    from prism.data.formats import shards
+
+    lines = ["", *(json.dumps(record(i, [])) for i in range(9)), "", json.dumps(record(9, []))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raw = path.read_bytes()
+    for n in (1, 2, 3, 5, 50):
+        parts = shards(path, n)
+        if n == 1:
+            assert parts == [None]
+            continue
+        assert 1 < len(parts) <= n and parts[0].start == 0 and parts[-1].end == len(raw)
+        for a, b in zip(parts, parts[1:]):
+            assert a.end == b.start and raw[b.start - 1:b.start] == b"\n"  # consecutive, at line starts
+        for part in parts:  # each part's first line number is that of its first byte
+            assert part.line == raw[:part.start].count(b"\n") + 1
+    # a JSON list or a Parquet file is read whole by one reader
+    listed = tmp_path / "l.json"
+    listed.write_text(json.dumps([record(i, []) for i in range(20)], indent=1))
+    assert shards(listed, 4) == [None]
+
+
+def test_parallel_build_equals_serial_and_reports_the_earliest_fault(data, tiny_processor, tmp_path):
+    lines = data.read_text().splitlines() * 3  # 36 examples, so each of 3 readers has some
+    data.write_text("\n".join(lines) + "\n")
+    serial = build(data, tiny_processor, tmp_path / "serial")
+    parallel = build(data, tiny_processor, tmp_path / "parallel", num_proc=3)
+    assert_same(parallel, list(serial.examples(range(len(serial)))), list(serial.lengths))
+    assert [ex.source for ex in parallel] == [f"{data}:{i}" for i in range(1, 37)]  # file order, right lines
+
+    # a corrupt image in the last part and another in the first: the error names the earliest one
+    (data.parent / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines[30] = json.dumps(record(98, ["bad.png"]))
+    lines[4] = json.dumps(record(99, ["bad.png"]))
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{data}:5: corrupt image"):
+        build(data, tiny_processor, tmp_path / "parallel", num_proc=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = build(data, tiny_processor, tmp_path / "parallel", num_proc=3, skip_bad=True)
+    assert len(kept) == 34 and {ex.answer for ex in kept}.isdisjoint({"98", "99"})
+    assert f"{data}: skipped 2 bad example(s); first: {data}:5: corrupt image" in " ".join(
+        str(w.message) for w in caught)
+
+    lengths = list(serial.lengths)
+    limit = sorted(lengths)[len(lengths) // 2]  # over max_length: dropped in every part, counted once
+    data.write_text("\n".join(lines[:4] + lines[5:30] + lines[31:]) + "\n")
+    short = build(data, tiny_processor, tmp_path / "parallel", num_proc=3, max_length=limit)
+    assert len(short) == sum(n <= limit for n in token_lengths(tiny_processor, load_examples(data)))
+    assert short.manifest["n_dropped"] == 34 - len(short)
+
+
+def test_image_size_names_each_example_reading_a_bad_file(tmp_path):
+    from prism.data.collate import image_size
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    for source in ("a.jsonl:1", "a.jsonl:7"):  # the header's failure is cached, the example is not
+        with pytest.raises(DataError, match=rf"^{source}: cannot read image {bad}"):
+            image_size(str(bad), source)
+    good = png(tmp_path / "good.png", (40, 30), (1, 2, 3))
+    assert image_size(str(good), "x") == (40, 30)

@@ -152,20 +152,22 @@ def token_length(processor, ex: Example) -> int:
 
 
 def token_lengths(processor, examples: Sequence[Example], batch_size: int = 1024) -> list[int]:
-    """`token_length` of many examples: the chat texts tokenised `batch_size` at a time, each image's
-    size read from its file header (no pixel decode), once per path."""
+    """`token_length` of many examples, `batch_size` at a time: the chat texts rendered and tokenised
+    in one call each, each image's size read from its file header (no pixel decode, once per path), and
+    the image token counts asked of the processor once per batch for its distinct sizes."""
     out: list[int] = []
     for start in range(0, len(examples), batch_size):
         part = examples[start: start + batch_size]
-        texts = [render(processor, ex.messages) for ex in part]
+        texts = processor.apply_chat_template([to_chat(ex.messages) for ex in part], tokenize=False)
         ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for ex, tokens in zip(part, ids):
-            n = len(tokens)
-            if ex.images:
-                sizes = [image_size(ref, ex.source)[::-1] for ref in ex.images]  # (height, width)
-                mm = processor._get_num_multimodal_tokens(image_sizes=sizes)
-                n += sum(mm["num_image_tokens"]) - len(sizes)
-            out.append(n)
+        sizes = [[image_size(ref, ex.source)[::-1] for ref in ex.images] for ex in part]  # (height, width)
+        distinct = sorted({hw for row in sizes for hw in row})
+        tokens_of = {}
+        if distinct:
+            counts = processor._get_num_multimodal_tokens(image_sizes=[list(hw) for hw in distinct])
+            tokens_of = dict(zip(distinct, counts["num_image_tokens"]))
+        for row, tokens in zip(sizes, ids):
+            out.append(len(tokens) + sum(tokens_of[hw] - 1 for hw in row))  # each image token stands for its count
     return out
 
 
@@ -176,7 +178,10 @@ def image_size(ref, source: str = "<memory>") -> tuple[int, int]:
             st = os.stat(ref)
         except FileNotFoundError:
             raise DataError(f"{source}: image file not found: {ref}") from None
-        return _path_size(ref, st.st_size, st.st_mtime_ns, source)
+        size = _path_size(ref, st.st_size, st.st_mtime_ns)
+        if isinstance(size, str):
+            raise DataError(f"{source}: cannot read image {ref}: {size}")
+        return size
     if isinstance(ref, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(ref)) as im:
@@ -187,9 +192,11 @@ def image_size(ref, source: str = "<memory>") -> tuple[int, int]:
 
 
 @lru_cache(maxsize=65536)
-def _path_size(path: str, size: int, mtime_ns: int, source: str) -> tuple[int, int]:
+def _path_size(path: str, size: int, mtime_ns: int) -> tuple[int, int] | str:
+    """The header's (width, height), or the reason it cannot be read (cached too: the example naming the
+    file is reported by the caller)."""
     try:
         with Image.open(path) as im:  # the header only: PIL decodes pixels lazily
             return im.size
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{source}: cannot read image {path}: {e.__class__.__name__}: {e}") from None
+        return f"{e.__class__.__name__}: {e}"

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,14 @@ from PIL import Image
 from prism.core.errors import DataError
 from prism.core.example import Example
 from prism.data.collate import token_lengths
-from prism.data.formats import Skipped, dataset_reference, iter_examples, resolve_source
+from prism.data.formats import Shard, Skipped, dataset_reference, iter_examples, resolve_source, shards
 
 log = logging.getLogger("prism.data.corpus")
 
 SCHEMA_VERSION = 1
 MANIFEST = "prism_corpus.json"
 BYTES_REF = "\0bytes"  # in `images`: "the next entry of `image_bytes`"
-CHUNK = 1024  # rows per `map` batch
+CHUNK = 1024  # examples measured at a time (and read back at a time by `__iter__`)
 
 
 class Corpus:
@@ -235,57 +236,52 @@ def _read_manifest(cache: Path) -> dict[str, Any]:
 
 def _build(target: Path, key: str, path: str | Path, processor, format: str, max_length: int, skip_bad: bool,
            require_response: bool, num_proc: int | None) -> Corpus:
+    """Read, check and measure the examples of `path` into `target`: `num_proc` processes each take one
+    consecutive part of a JSONL file (`formats.shards`; other files are read by one), and each writes
+    what it skipped, dropped or failed on to a small JSON file that is gathered here in file order."""
     import datasets
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=target.parent))
     try:
-        skipped = Skipped(file=Path(str(path)))
-        stats: dict[str, Any] = {"skipped": skipped, "error": None}
+        parts = shards(path, num_proc or 1)
         features = datasets.Features({
             "messages": datasets.Value("string"), "images": datasets.Sequence(datasets.Value("string")),
             "image_bytes": datasets.Sequence(datasets.Value("binary")), "answer": datasets.Value("string"),
-            "meta": datasets.Value("string"), "source": datasets.Value("string"),
+            "meta": datasets.Value("string"), "source": datasets.Value("string"), "length": datasets.Value("int32"),
         })
         was_enabled = datasets.is_caching_enabled()
         datasets.disable_caching()  # nothing of this build may be found again by `datasets` itself
         datasets.disable_progress_bars()
+        settings = {"path": path, "format": format, "require_response": require_response, "skip_bad": skip_bad,
+                    "processor": processor, "max_length": max_length, "stats_dir": str(tmp)}
+        failure = None
         try:
             ds = datasets.Dataset.from_generator(
-                _rows, features=features, cache_dir=str(tmp / "hf"),
-                gen_kwargs={"path": path, "format": format, "require_response": require_response,
-                            "skip_bad": skip_bad, "stats": stats})
-        except Exception:  # `datasets` reports a generator that stopped on an error its own way
-            if stats["error"] is not None:
-                raise stats["error"] from None
-            if not stats.get("rows"):
-                bad = f" ({skipped.n} bad ones skipped)" if skipped.n else ""
-                raise DataError(f"{skipped.file}: no examples{bad}") from None
-            raise
+                _rows, features=features, cache_dir=str(tmp / "hf"), num_proc=len(parts) if len(parts) > 1 else None,
+                gen_kwargs={"part": list(enumerate(parts)), "settings": [settings] * len(parts)})
+        except Exception as e:  # `datasets` reports a reader that stopped on an error its own way
+            ds, failure = None, e
         finally:
             if was_enabled:
                 datasets.enable_caching()
-        if stats["error"] is not None:
-            raise stats["error"]
-        if len(ds) == 0:
-            bad = f" ({skipped.n} bad ones skipped)" if skipped.n else ""
-            raise DataError(f"{skipped.file}: no examples{bad}")
-        procs = num_proc if num_proc and num_proc > 1 and len(ds) > CHUNK else None
-        ds = ds.map(_measure, batched=True, batch_size=CHUNK, num_proc=procs, fn_kwargs={"processor": processor},
-                    features=datasets.Features({**features, "length": datasets.Value("int32")}),
-                    new_fingerprint=key[:48] + "-length", desc="measuring")
-        n_all = len(ds)
-        ds = ds.filter(lambda n: [x <= max_length for x in n], input_columns="length", batched=True,
-                       batch_size=CHUNK * 16, num_proc=procs, new_fingerprint=key[:48] + "-kept")
-        if len(ds) == 0:
-            raise DataError(f"{path}: no examples left after filtering by data.max_length={max_length}")
+        stats = _gather_stats(tmp, len(parts))
+        if stats["error"]:
+            raise DataError(stats["error"]) from None
+        if failure is not None and not stats["complete"]:
+            raise failure
+        if ds is None or len(ds) == 0:
+            if stats["rows"] and not stats["dropped"] < stats["rows"]:
+                raise DataError(f"{path}: no examples left after filtering by data.max_length={max_length}")
+            bad = f" ({stats['n_bad']} bad ones skipped)" if stats["n_bad"] else ""
+            raise DataError(f"{stats['file']}: no examples{bad}")
         kept = len(ds)
         ds.save_to_disk(str(tmp / "data"))
         del ds
         shutil.rmtree(tmp / "hf", ignore_errors=True)
-        manifest = {"schema": SCHEMA_VERSION, "key": key, "path": str(path), "rows": kept, "n_dropped": n_all - kept,
-                    "n_bad": skipped.n, "first_bad": skipped.first, "bad_file": str(skipped.file),
-                    "files": _file_sizes(tmp / "data")}
+        manifest = {"schema": SCHEMA_VERSION, "key": key, "path": str(path), "rows": kept,
+                    "n_dropped": stats["dropped"], "n_bad": stats["n_bad"], "first_bad": stats["first_bad"],
+                    "bad_file": stats["file"], "files": _file_sizes(tmp / "data")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks it whole
         try:
             os.rename(tmp, target)
@@ -297,18 +293,63 @@ def _build(target: Path, key: str, path: str | Path, processor, format: str, max
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _rows(path: str | Path, format: str, require_response: bool, skip_bad: bool, stats: dict[str, Any]
-          ) -> Iterator[dict[str, Any]]:
-    """One row per valid example, streamed (`prism.data.formats.iter_examples`, the reader of
-    `load_examples`); the first error (without skip_bad) is kept in `stats["error"]` and ends the stream,
-    so that it reaches the caller unwrapped. What skip_bad dropped is counted in `stats["skipped"]`."""
+def _rows(part: list[tuple[int, Shard | None]], settings: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows of one part of the file (`datasets` hands each process a list of one): every valid
+    example (`formats.iter_examples`, the reader of `load_examples`), measured `CHUNK` at a time with
+    `token_lengths`, those over max_length dropped. The part's counts, and its first error (without
+    skip_bad, which ends it), go to `stats-<k>.json` so that the error reaches the caller unwrapped."""
+    (k, shard), = part
+    s = settings[0]
+    skipped = Skipped(file=Path(str(s["path"])))
+    stats: dict[str, Any] = {"rows": 0, "dropped": 0, "error": None, "complete": False}
     try:
-        for example in iter_examples(path, format, require_response=require_response, skip_bad=skip_bad,
-                                     skipped=stats["skipped"]):
-            stats["rows"] = stats.get("rows", 0) + 1
-            yield _row(example)
+        batch: list[Example] = []
+        examples = iter_examples(s["path"], s["format"], require_response=s["require_response"],
+                                 skip_bad=s["skip_bad"], skipped=skipped, shard=shard)
+        for example in chain(examples, [None]):
+            if example is not None:
+                batch.append(example)
+            if batch and (example is None or len(batch) == CHUNK):
+                for ex, length in zip(batch, token_lengths(s["processor"], batch)):
+                    stats["rows"] += 1
+                    if length > s["max_length"]:
+                        stats["dropped"] += 1
+                    else:
+                        yield {**_row(ex), "length": length}
+                batch = []
+        stats["complete"] = True
     except DataError as e:
-        stats["error"] = e
+        stats["error"] = str(e)
+    finally:
+        stats.update(n_bad=skipped.n, first_bad=skipped.first, file=str(skipped.file))
+        _atomic_json(Path(s["stats_dir"]) / f"stats-{k}.json", stats)
+
+
+def _gather_stats(folder: Path, n: int) -> dict[str, Any]:
+    """The parts' counts summed, in file order: the first error and the first bad example are the
+    earliest in the file."""
+    out: dict[str, Any] = {"rows": 0, "dropped": 0, "n_bad": 0, "first_bad": "", "error": None, "file": "",
+                           "complete": True}
+    for k in range(n):
+        f = folder / f"stats-{k}.json"
+        if not f.is_file():  # that reader never finished (killed, or an error `datasets` raised)
+            out["complete"] = False
+            continue
+        part = json.loads(f.read_text(encoding="utf-8"))
+        out["rows"] += part["rows"]
+        out["dropped"] += part["dropped"]
+        out["n_bad"] += part["n_bad"]
+        out["first_bad"] = out["first_bad"] or part["first_bad"]
+        out["error"] = out["error"] or part["error"]
+        out["file"] = out["file"] or part["file"]
+        out["complete"] = out["complete"] and part["complete"]
+    return out
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _row(example: Example) -> dict[str, Any]:
@@ -333,9 +374,3 @@ def _example(row: dict[str, Any]) -> Example:
     images = [next(blobs) if ref == BYTES_REF else ref for ref in row["images"] or []]
     return Example(messages=json.loads(row["messages"]), images=images, answer=row["answer"],
                    meta=json.loads(row["meta"]), source=row["source"])
-
-
-def _measure(rows: dict[str, list], processor) -> dict[str, list]:
-    n = len(rows["messages"])
-    examples = [_example({k: rows[k][j] for k in rows}) for j in range(n)]
-    return {"length": token_lengths(processor, examples)}

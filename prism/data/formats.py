@@ -123,12 +123,54 @@ class Skipped:
 
 def iter_examples(path: str | Path, format: str = "auto", *, require_response: bool = False,
                   require_answer: bool = False, skip_bad: bool = False, verify_images: bool = True,
-                  skipped: Skipped | None = None) -> Iterator[Example]:
+                  skipped: Skipped | None = None, shard: Shard | None = None) -> Iterator[Example]:
     """`load_examples` one example at a time, without holding the file (what `skip_bad` drops is counted
-    in `skipped`; no warning, and no error when nothing is left: the caller decides)."""
+    in `skipped`; no warning, and no error when nothing is left: the caller decides). `shard`, one of
+    `shards(path, n)`, reads only that part of a JSONL file."""
     file, parse, root = resolve_source(path, format)
     yield from _stream(file, parse, root, require_response, require_answer, skip_bad, verify_images,
-                       skipped if skipped is not None else Skipped())
+                       skipped if skipped is not None else Skipped(), shard)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Bytes [start, end) of a JSONL file, starting at a line start; `line` is that line's number."""
+
+    start: int
+    end: int
+    line: int
+
+
+def shards(path: str | Path, n: int) -> list[Shard | None]:
+    """Up to `n` consecutive parts of the data file of `path`, split at line starts, for `n` readers of
+    a JSONL file (in order, they cover it exactly). Other files (a JSON list, Parquet) cannot be split
+    this way: one part, `None`, the whole file."""
+    file = resolve_source(path)[0]
+    if n <= 1 or file.suffix == ".parquet" or _first_char(file) in ("[", ""):
+        return [None]
+    size = file.stat().st_size
+    bounds, line, pos = [], 1, 0
+    with open(file, "rb") as f:
+        for target in (size * i // n for i in range(1, n)):
+            while pos < target:  # count the lines before the target
+                chunk = f.read(min(1 << 24, target - pos))
+                line, pos = line + chunk.count(b"\n"), pos + len(chunk)
+            rest = f.readline()  # then on to the next line start
+            line, pos = line + rest.count(b"\n"), pos + len(rest)
+            if pos < size and (not bounds or pos > bounds[-1][0]):
+                bounds.append((pos, line))
+    starts = [(0, 1), *bounds]
+    return [Shard(start, end, first) for (start, first), end in zip(starts, [b[0] for b in bounds] + [size])]
+
+
+def _first_char(path: Path) -> str:
+    """The first non-blank character of a text file ("" when blank)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return chr(stripped[0])
+    return ""
 
 
 def load_dataset_info(
@@ -203,10 +245,10 @@ def _dataset_source(index: Path, name: str, media_dir: str | Path | None = None)
 
 
 def _stream(path: Path, parse: Parser, root: Path, require_response: bool, require_answer: bool, skip_bad: bool,
-            verify_images: bool, skipped: Skipped) -> Iterator[Example]:
-    """The valid examples of `path`, read and parsed one record at a time."""
+            verify_images: bool, skipped: Skipped, shard: Shard | None = None) -> Iterator[Example]:
+    """The valid examples of `path` (or of its `shard`), read and parsed one record at a time."""
     skipped.file = path
-    for source, record in _read_records(path):
+    for source, record in _read_records(path, shard):
         try:
             if isinstance(record, DataError):  # a line that was not a JSON object
                 raise record
@@ -346,28 +388,23 @@ def _from_alpaca_columns(record: dict[str, Any], columns: dict[str, Any], source
 # ---------------------------------------------------------------------------------- reading
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+def _read_records(path: Path, shard: Shard | None = None) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
     """Yield (source, record) pairs; a record that cannot be parsed is yielded as a DataError
-    so that skip_bad can drop it. Errors that spoil the whole file are raised."""
+    so that skip_bad can drop it. Errors that spoil the whole file are raised. JSONL is read a line
+    at a time (only the lines of `shard`, when given); a JSON list is parsed whole."""
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
-    if text.lstrip().startswith("["):  # a JSON list: one parse error spoils the whole file
+    if shard is None and _first_char(path) == "[":  # a JSON list: one parse error spoils the whole file
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         numbered: Iterator[tuple[str, Any]] = ((f"{path}:{i}", r) for i, r in enumerate(records))
     else:  # JSONL: one object per non-blank line
-        first = _parse_line(text.lstrip().split("\n", 1)[0])
-        if _looks_like_index(_parse_line(text) if isinstance(first, Exception) else first):
-            raise DataError(_index_hint(path, path))  # a dataset_info.json under another name
-        lines = enumerate(text.splitlines(), 1)
-        numbered = ((f"{path}:{n}", _parse_line(line)) for n, line in lines if line.strip())
+        numbered = ((f"{path}:{n}", _parse_line(line)) for n, line in _jsonl_lines(path, shard) if line.strip())
     for source, record in numbered:
         if isinstance(record, json.JSONDecodeError):
             yield source, DataError(f"{source}: invalid JSON: {record.msg} (column {record.colno})")
@@ -375,6 +412,38 @@ def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | DataError]
             yield source, DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
         else:
             yield source, record
+
+
+def _jsonl_lines(path: Path, shard: Shard | None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the lines of a JSONL file or of one shard of it, streamed. A file whose
+    first line is a LLaMA-Factory dataset index is refused (it is named as DIR#NAME, not read)."""
+    start, end, number = (shard.start, shard.end, shard.line) if shard else (0, None, 1)
+    checked = start != 0  # the index check looks at the file's first non-blank line
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while end is None or pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text: {e}") from None
+            if not checked and line.strip():
+                _refuse_index(path, line)
+                checked = True
+            yield number, line
+            number += 1
+
+
+def _refuse_index(path: Path, first_line: str) -> None:
+    first = _parse_line(first_line)
+    if isinstance(first, Exception) and path.stat().st_size < 1 << 26:  # a pretty-printed object: parse it all
+        first = _parse_line(path.read_text(encoding="utf-8", errors="replace"))
+    if _looks_like_index(first):
+        raise DataError(_index_hint(path, path))  # a dataset_info.json under another name
 
 
 def _parse_line(line: str) -> Any:

@@ -291,7 +291,8 @@ def test_resume_continues_exactly_and_warmup_runs_once(tiny_model_dir, synth_dir
              "warmup.pairs_per_step": 4, "warmup.eval_pairs": 2, "train.save_every": 1}
     align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "full", **extra))
     align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **{**extra, "train.max_steps": 1}))
-    align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **extra))
+    # resumed with 2 loader processes decoding the prompts' images ahead: the same batches, in order
+    align.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **{**extra, "data.num_workers": 2}))
     rows = {}
     for run in ("full", "part"):
         lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

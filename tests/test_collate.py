@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -277,3 +278,27 @@ def test_an_image_rewritten_after_its_size_was_read_is_read_again(tiny_processor
     path.write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot read image"):
         image_size(str(path), "data.jsonl:3")
+
+
+def test_prompt_batches_with_decoded_images_equal_the_drawn_ones(tmp_path):
+    """`prompt_batch` draws `batch_indices`' prompts; decoding turns each image into the RGB picture the
+    sampler would have decoded, and a loader process gives the same batches in order."""
+    from PIL import Image
+
+    from prism.core.example import Example, load_image
+    from prism.data.loader import prompt_batch, step_loader
+    from prism.data.order import batch_indices
+
+    Image.new("P", (6, 4), 3).save(tmp_path / "p.png")  # palette: decoding converts it to RGB
+    prompts = [Example(messages=[{"role": "user", "content": f"<image>q{i}"}], images=[str(tmp_path / "p.png")],
+                       answer=str(i)) for i in range(7)]
+    plain = [prompt_batch(prompts, 3, 2, 1, 5, False, draw) for draw in range(3)]
+    for draw, batch in enumerate(plain):
+        assert [ex.answer for ex in batch] == [prompts[i].answer for i in batch_indices(7, draw, 3, 2, 1, 5)]
+        assert batch[0].images == [str(tmp_path / "p.png")]
+    ahead = list(step_loader(functools.partial(prompt_batch, prompts, 3, 2, 1, 5, True), 0, 2, workers=1))
+    for got, want in zip(ahead, plain):
+        assert [ex.answer for ex in got] == [ex.answer for ex in want]
+        assert [ex.messages for ex in got] == [ex.messages for ex in want]
+        image = got[0].images[0]
+        assert image.mode == "RGB" and image.tobytes() == load_image(want[0].images[0]).tobytes()

@@ -157,7 +157,9 @@ def test_resume_continues_exactly(tiny_model_dir, synth_dir, tmp_path, reward_mo
              "algo.ppo_epochs": 2, "algo.mini_batches": 2}
     rl.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "full", **extra))
     rl.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **{**extra, "train.max_steps": 1}))
-    rl.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **extra))
+    # resumed with 2 loader processes decoding the prompts' images ahead: the same batches, in order
+    rl.train(_cfg(tiny_model_dir, synth_dir, tmp_path / "part", **{**extra, "data.num_workers": 2,
+                                                                   "data.prefetch": 1}))
     full, part = _rows(tmp_path / "full"), _rows(tmp_path / "part")
     for step in (2, 3):
         for key in ("rollout/reward", "rollout/length", "actor/loss", "actor/approx_kl"):

@@ -28,6 +28,7 @@ optimizers and RNG states, so a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -58,7 +59,7 @@ from prism.core.response import is_format_valid
 from prism.core.rollouts import SamplingParams
 from prism.core.task import load_task
 from prism.data.formats import load_examples
-from prism.data.order import batch_indices
+from prism.data.loader import prompt_batch, step_loader
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean
 from prism.eval.policy import evaluate
 from prism.loop.policy_update import policy_update
@@ -231,9 +232,12 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     d = cfg.discriminator
     watch = CollapseWatch(d.collapse_window, d.stop_on_collapse, d.lr,
                           history=[r for r in metric_rows(out) if 0 < r["step"] <= start][-d.collapse_window:])
+    # step s plays prompt batch s - 1; with data.num_workers, loader processes decode its images ahead
+    make = functools.partial(prompt_batch, prompts, cfg.train.prompts_per_step, world, rank, cfg.train.seed,
+                             cfg.data.num_workers > 0)
+    batches = step_loader(make, start, cfg.train.max_steps - 1, cfg.data.num_workers, cfg.data.prefetch)
     for step in range(start + 1, cfg.train.max_steps + 1):
-        batch = [prompts[i] for i in batch_indices(len(prompts), step - 1, cfg.train.prompts_per_step, world, rank,
-                                                   cfg.train.seed)]
+        batch = next(batches)
         metrics = game_step(cfg, game, batch, step, task)
         watch.update(step, metrics)
 

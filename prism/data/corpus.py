@@ -43,7 +43,14 @@ from PIL import Image
 from prism.core.errors import DataError
 from prism.core.example import Example
 from prism.data.collate import token_lengths
-from prism.data.formats import Shard, Skipped, dataset_reference, iter_examples, resolve_source, shards
+from prism.data.formats import (
+    Shard,
+    Skipped,
+    dataset_reference,
+    iter_examples,
+    resolve_source,
+    shards,
+)
 
 log = logging.getLogger("prism.data.corpus")
 

@@ -21,9 +21,11 @@ Groups never split across processes: each process samples whole groups for its o
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -34,8 +36,14 @@ from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams
 from prism.core.task import load_task
 from prism.data.formats import load_examples
-from prism.data.order import batch_indices
-from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean, replicated_load
+from prism.data.loader import prompt_batch, step_loader
+from prism.dist import (
+    ModelUpdate,
+    optimizer_from_config,
+    prepare,
+    reduce_mean,
+    replicated_load,
+)
 from prism.eval.policy import evaluate
 from prism.loop.policy_update import policy_update
 from prism.loop.run import (
@@ -94,14 +102,18 @@ class BatchCollector:
         self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                      top_k=r.top_k, n=r.group_size)
         self.cursor = 0  # global prompt batches drawn so far (saved in checkpoints)
+        self._batches: Iterator[list[Example]] | None = None  # started at the first draw (after a resume)
 
     def _draw(self) -> tuple[Rollouts, torch.Tensor, dict[str, torch.Tensor], float]:
         """One batch of prompts, sampled and scored: rollouts, rewards [N], reward parts, scoring seconds."""
         cfg, acc = self.cfg, self.acc
-        idx = batch_indices(len(self.prompts), self.cursor, cfg.train.prompts_per_step, acc.num_processes,
-                            acc.process_index, cfg.train.seed)
+        if self._batches is None:  # batch number `cursor` onwards, images decoded ahead by data.num_workers
+            make = functools.partial(prompt_batch, self.prompts, cfg.train.prompts_per_step, acc.num_processes,
+                                     acc.process_index, cfg.train.seed, cfg.data.num_workers > 0)
+            self._batches = step_loader(make, self.cursor, self.cursor + 10 ** 9, cfg.data.num_workers,
+                                        cfg.data.prefetch)
+        batch = next(self._batches)
         self.cursor += 1
-        batch = [self.prompts[i] for i in idx]
         rollouts = self.backend.rollout(batch, self.params)
         expanded = [ex for ex in batch for _ in range(self.params.n)]
         t0 = time.perf_counter()

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(cache, ignore_errors=True)
         results[n] = {"cold": measure(data, model, cache, args.num_proc), "warm": measure(data, model, cache, args.num_proc)}
         for kind, r in results[n].items():
-            readers = f", build readers {r['reader_rss_mb']:.0f} MB each at most" if r["reader_rss_mb"] else ""
+            readers = f", build readers {r['reader_rss_mb']:.0f} MB each at most" if kind == "cold" else ""
             print(f"N={n:>9,} {kind}: launch-to-first-batch {r['seconds']:7.1f} s (corpus {r['corpus_s']:.1f} s), "
                   f"peak RSS {r['rss_mb']:5.0f} MB (at the first batch: {r['private_mb']:.0f} MB private, "
                   f"{r['mapped_file_mb']:.0f} MB mapped files: the cache, shared page cache){readers}", flush=True)

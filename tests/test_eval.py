@@ -131,6 +131,8 @@ def test_prism_eval_end_to_end_and_bad_input(tiny_model_dir, tmp_path):
     ("--temperature", "-1", "--temperature: must be a non-negative number, got -1.0"),
     ("--max-new-tokens", "0", "--max-new-tokens: must be a positive integer, got 0"),
     ("--chunk-size", "0", "--chunk-size: must be a positive integer, got 0"),
+    ("--vllm-gpu-memory-utilization", "1.5", "--vllm-gpu-memory-utilization: must be a fraction in (0, 1], got 1.5"),
+    ("--vllm-kv-cache-gb", "0", "--vllm-kv-cache-gb: must be a positive number, got 0.0"),
 ])
 def test_prism_eval_refuses_flags_that_cannot_work(tmp_path, flag, value, says):
     from prism.eval.run import main

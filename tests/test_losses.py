@@ -10,7 +10,7 @@ import torch
 from prism.losses.advantages import all_equal_groups, group_advantages, group_normalize
 from prism.losses.aggregate import aggregate_loss
 from prism.losses.kl import kl_k1, kl_k2, kl_k3, kl_penalty
-from prism.losses.policy import ALGORITHMS, compute_policy_loss
+from prism.losses.policy import ALGORITHMS, compute_policy_loss, truncated_is_weights
 
 L = math.log
 
@@ -219,3 +219,30 @@ def test_one_extreme_token_cannot_blow_up_the_k3_term():
     # d k3 / d logp = 1 − e^x  (x = ref − logp), divided by the 3 tokens of the mean
     torch.testing.assert_close(lp.grad, t([[0.0, (1 - math.exp(-0.5)) / 3, (1 - math.e) / 3]]))
     assert torch.isfinite(lp.grad).all()
+
+
+def test_truncated_importance_weights_by_hand():
+    # π_old / π_rollout = 2, 0.5, 4 (log-space inputs); C = 3 truncates the last to 3. No gradient flows.
+    old = t([[L(0.4), L(0.1), L(0.8)]]).requires_grad_()
+    rollout = t([[L(0.2), L(0.2), L(0.2)]])
+    w = truncated_is_weights(old, rollout, 3.0)
+    torch.testing.assert_close(w, t([[2.0, 0.5, 3.0]]))
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap C must be > 0"):
+        truncated_is_weights(old, rollout, 0.0)
+
+
+def test_token_weights_scale_each_tokens_loss_before_aggregation():
+    # ratio 1 everywhere (logp = old), A = 1: each token's loss is −1; weights 2, 0.5, 3 on a token-mean
+    # over 3 tokens give −(2 + 0.5 + 3) / 3, and the gradient of token t is −w_t / 3.
+    lp = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    old, mask, w = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3), t([[2.0, 0.5, 3.0]])
+    loss, m = compute_policy_loss("dapo", lp, old, t([1.0]), mask, token_weights=w)
+    assert loss.item() == pytest.approx(-(2 + 0.5 + 3) / 3)
+    assert m["tis_weight_mean"] == pytest.approx((2 + 0.5 + 3) / 3)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[-2 / 3, -0.5 / 3, -1.0]]))
+    plain, m = compute_policy_loss("dapo", lp.detach(), old, t([1.0]), mask)
+    assert plain.item() == pytest.approx(-1.0) and "tis_weight_mean" not in m
+    with pytest.raises(ValueError, match="token_weights must be"):
+        compute_policy_loss("dapo", lp, old, t([1.0]), mask, token_weights=w[:, :2])

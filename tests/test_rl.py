@@ -4,6 +4,7 @@ the all-equal groups, resume is exact, bad input stops with one line; and `prism
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -268,3 +269,47 @@ class _LengthReward:
     def __call__(self, responses, examples):
         values = torch.tensor([float(len(r)) for r in responses])
         return values, {"length": values}
+
+
+def test_sampler_log_prob_mismatch_is_measured_and_truncated_is_corrects_for_it(tiny_model_dir, synth_dir):
+    """`logprob_diff_*` compares the sampler's log-probs with the trainer's π_old: ~0 for prism's own
+    sampler, exactly the offset when the sampler's log-probs are shifted; with algo.tis_cap the loss is
+    weighted by min(π_old / π_rollout, C), so halving the sampler's probabilities doubles the update."""
+    from dataclasses import replace
+
+    from prism.core.config import AlgoSettings, ModelSettings
+    from prism.dist import ModelUpdate, make_accelerator
+    from prism.loop.policy_update import policy_update
+    from prism.models.loader import load_model
+    from prism.models.processor import load_processor
+    from prism.rollout.engine import SamplingParams, sample
+
+    processor = load_processor(tiny_model_dir)
+    prompts = load_examples(synth_dir / "rl.jsonl", limit=2)
+    acc = make_accelerator()
+    torch.manual_seed(0)
+    model = load_model(ModelSettings(path=str(tiny_model_dir)), trainable=True)
+    rollouts = sample(model, processor, prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=8),
+                      backend="native")
+    adv = torch.linspace(-1, 1, len(rollouts))
+    shifted = replace(rollouts, log_probs=rollouts.log_probs - 0.5 * rollouts.response_mask)
+
+    def run(r, algo):
+        m = load_model(ModelSettings(path=str(tiny_model_dir)), trainable=True)
+        params = [p for p in m.parameters() if p.requires_grad]
+        before = {k: v.detach().clone() for k, v in m.named_parameters()}
+        metrics = policy_update(ModelUpdate(acc, m, torch.optim.SGD(params, lr=1.0), params, max_grad_norm=None),
+                                r, adv, algo, temperature=1.0, logprob_chunk_size=4)
+        return metrics, {k: v.detach() - before[k] for k, v in m.named_parameters()}
+
+    plain, step = run(rollouts, AlgoSettings())
+    assert plain["logprob_diff_mean"] < 1e-5 and plain["logprob_diff_max"] < 1e-4
+    off, _ = run(shifted, AlgoSettings(ppo_epochs=2))  # π_old recomputed before the first step: same measure
+    assert off["logprob_diff_mean"] == pytest.approx(0.5, abs=1e-4) and off["logprob_diff_max"] == pytest.approx(0.5, abs=1e-4)
+    # π_old / π_rollout = e^0.5 ≈ 1.65 on every token: capped at 3 it scales the loss (and SGD's step) by e^0.5
+    tis, tis_step = run(shifted, AlgoSettings(tis_cap=3.0))
+    assert tis["tis_weight_mean"] == pytest.approx(math.exp(0.5), rel=1e-4)
+    moved = [k for k in step if step[k].abs().max() > 1e-3]  # SGD at lr 1: the step is the gradient
+    assert moved and all((tis_step[k] - math.exp(0.5) * step[k]).norm() <= 1e-3 * tis_step[k].norm() for k in moved)
+    capped, _ = run(shifted, AlgoSettings(tis_cap=1.2))
+    assert capped["tis_weight_mean"] == pytest.approx(1.2)

@@ -148,3 +148,32 @@ def test_log_probs_under_a_token_budget_equal_the_fixed_chunks(model, tiny_proce
         b, eb = token_log_probs(model, r, with_entropy=True, token_budget=90)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(ea, eb, atol=1e-5, rtol=0)
+
+
+def test_vllm_backend_without_vllm_names_the_install_command(model, tiny_processor, tiny_model_dir, monkeypatch):
+    """Where vLLM is not installed (this environment; tests/vllm run in one that has it), asking for the
+    backend is one line naming what to install; a multiprocess engine or CPU sleep mode are refused too."""
+    import builtins
+
+    from prism.core.config import VLLMSettings
+    from prism.core.errors import ConfigError
+    from prism.rollout.engine import make_backend
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the backend sets, undone after the test
+    with pytest.raises(ConfigError, match=r'^rollout.backend=vllm needs vLLM: pip install -e "\.\[vllm\]"'):
+        make_backend("vllm", model, tiny_processor, model_path=str(tiny_model_dir))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ConfigError, match="runs its engine inside the training process"):
+        make_backend("vllm", model, tiny_processor, model_path=str(tiny_model_dir))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(ConfigError, match="enable_sleep_mode needs CUDA"):
+        make_backend("vllm", model, tiny_processor, vllm=VLLMSettings(enable_sleep_mode=True),
+                     model_path=str(tiny_model_dir))

@@ -155,7 +155,7 @@ def game_step(cfg: AlignConfig, p: Players, batch: list[Example], step: int, tas
     metrics["score/pinned"] = float(torch.stack([v.abs() >= clip * (1 - 1e-6) for v in scores.values()]).float().mean())
     metrics.update({"rollout/advantage_abs": float(advantages.abs().mean()),
                     "rollout/length": float(rollouts.response_lengths.float().mean())})
-    metrics.update({f"actor/{k}": v for k, v in actor.items()})
+    metrics.update({f"rollout/{k}" if k.startswith("logprob_diff") else f"actor/{k}": v for k, v in actor.items()})
     metrics.update({f"disc/{k}": v for k, v in d_metrics.items()})
     metrics.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
                     "time/discriminator": t4 - t3, "time/step": t4 - t0})
@@ -211,7 +211,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     game = Players(ModelUpdate(accelerator, policy, opt_p, params, cfg.optim.max_grad_norm,
                                max_change=cfg.optim.max_param_change), sched_p,
                    make_backend(cfg.rollout.backend, accelerator.unwrap_model(policy), processor, cfg.rollout.chunk_size,
-                                compile=cfg.rollout.compile),
+                                compile=cfg.rollout.compile, vllm=cfg.rollout.vllm,
+                                model_path=cfg.model.path),
                    disc, discriminator_player(cfg, accelerator, disc), placement)
 
     start, metrics = 0, {}

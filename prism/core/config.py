@@ -151,11 +151,38 @@ class OnPolicyRunSettings(RunSettings):
     """Prompts per process per step; each is sampled rollout.group_size times."""
 
 
+class VLLMSettings(Section):
+    """The colocated vLLM engine of `rollout.backend=vllm` (prism.rollout.vllm_engine): one `vllm.LLM` in
+    each training process, on that process's device."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Fraction of the device's memory vLLM may take (weights + KV cache); the rest is the trainer's.
+    On a CPU, vLLM reads it as a fraction of the machine's memory: set kv_cache_memory_bytes there."""
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    """The KV cache's size in bytes, instead of deriving it from gpu_memory_utilization."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + response in tokens (default: the model's context length)."""
+    enable_prefix_caching: bool = True
+    """The G samples of a prompt share its prefill and its image encoding."""
+    tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs one engine spans (a model that does not fit one GPU); untested: prism has no multi-GPU vLLM test."""
+    enable_sleep_mode: bool = False
+    """CUDA: free the engine's weights and KV cache while the trainer computes, back before each rollout."""
+    enforce_eager: bool = False
+    """No CUDA graphs (faster start, slower decoding)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """The engine's dtype; auto: the policy's parameter dtype, so both compute the same distribution."""
+    sync_chunk_mb: int = Field(1024, gt=0)
+    """Weight sync moves the policy into the engine this many MB at a time (bounds the extra memory)."""
+
+
 class RolloutSettings(Section):
-    backend: Literal["native", "hf"] = "native"
+    backend: Literal["native", "hf", "vllm"] = "native"
     """Which rollout backend samples (prism.rollout.BACKENDS): native = prism's sampler (one prefill per
-    prompt, static KV cache; prism.rollout.native), hf = transformers' generate. A model native cannot run
-    (sharded weights) falls back to hf with a warning."""
+    prompt, static KV cache; prism.rollout.native), hf = transformers' generate, vllm = a colocated vLLM
+    engine (`rollout.vllm`; `pip install -e ".[vllm]"`). A model native cannot run (sharded weights) falls
+    back to hf with a warning."""
+    vllm: VLLMSettings = VLLMSettings()
     compile: bool = False
     """native: torch.compile the decode step (CUDA graphs on a GPU). Costs one compile per process and
     batch-size bucket (~15 s on a CPU for the tiny model); falls back to eager decoding if compiling fails."""
@@ -198,6 +225,9 @@ class AlgoSettings(Section):
     micro_token_budget: int | None = Field(None, gt=0)
     """Instead of micro_batch_size: sequences per forward/backward such that sequences x longest
     (prompt + response) tokens <= this budget (similar lengths grouped; the update is unchanged)."""
+    tis_cap: float | None = Field(None, gt=0)
+    """Truncated importance sampling: weight each token's loss by min(π_old / π_rollout, tis_cap), where
+    π_rollout is the sampler's log-prob (vLLM's, under rollout.backend=vllm); null (default): off."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group std (GRPO); false: only centre them (Dr. GRPO)."""
     kl_coef: float = Field(0.0, ge=0)

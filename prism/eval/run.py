@@ -39,7 +39,7 @@ log = logging.getLogger("prism.eval")
 
 def evaluate_model(model, processor, examples: Sequence[Example], *, samples: int = 1, temperature: float = 1.0,
                    max_new_tokens: int = 256, chunk_size: int = 64, reference: Sequence[str] | None = None,
-                   embed_model=None, task: Task | None = None, backend: str = "native",
+                   embed_model=None, task: Task | None = None, backend="native",
                    answer_format: str = "answer") -> dict:
     """All metrics of one model on `examples`; see the module docstring for the keys."""
     check_answer_format(answer_format, "--answer-format")
@@ -88,7 +88,13 @@ def check_flags(a: argparse.Namespace) -> None:
               ("--temperature", a.temperature, a.temperature >= 0, "a non-negative number"),
               ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens > 0, "a positive integer"),
               ("--chunk-size", a.chunk_size, a.chunk_size > 0, "a positive integer"),
-              ("--limit", a.limit, a.limit is None or a.limit > 0, "a positive integer")]
+              ("--limit", a.limit, a.limit is None or a.limit > 0, "a positive integer"),
+              ("--vllm-gpu-memory-utilization", a.vllm_gpu_memory_utilization,
+               0 < a.vllm_gpu_memory_utilization <= 1, "a fraction in (0, 1]"),
+              ("--vllm-kv-cache-gb", a.vllm_kv_cache_gb, a.vllm_kv_cache_gb is None or a.vllm_kv_cache_gb > 0,
+               "a positive number"),
+              ("--vllm-max-model-len", a.vllm_max_model_len, a.vllm_max_model_len is None or a.vllm_max_model_len > 0,
+               "a positive integer")]
     for flag, value, ok, what in checks:
         if not ok:
             raise ConfigError(f"{flag}: must be {what}, got {value}")
@@ -110,8 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="JSON output (default: MODEL/eval-<data stem>.json)")
     p.add_argument("--task", help="task whose checks to add (caption accuracy, per-group accuracy): grids, or "
                    "module.path:attribute")
-    p.add_argument("--backend", choices=["native", "hf"], default="native",
-                   help="rollout backend: native (prism's sampler) or hf (transformers generate)")
+    p.add_argument("--backend", choices=["native", "hf", "vllm"], default="native",
+                   help="rollout backend: native (prism's sampler), hf (transformers generate) or vllm")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                   help="--backend vllm: fraction of the GPU's memory the engine may take")
+    p.add_argument("--vllm-kv-cache-gb", type=float, default=None,
+                   help="--backend vllm: the KV cache's size in GB instead (a CPU engine needs one)")
+    p.add_argument("--vllm-max-model-len", type=int, default=None,
+                   help="--backend vllm: longest prompt + response in tokens (default: the model's context)")
     p.add_argument("--answer-format", choices=["answer", "boxed", "either"], default="answer",
                    help="where answers are read from: the <answer> tag, the last \\boxed{}, or either "
                    "(as reward.answer_format)")
@@ -132,9 +144,18 @@ def main(argv: list[str] | None = None) -> dict:
     if a.embed_model:
         embed = load_model(ModelSettings(path=a.embed_model), trainable=False, device=device,
                            key="--embed-model").to(device)
+    backend = a.backend
+    if backend == "vllm":  # one engine for the greedy and the sampled pass
+        from prism.core.config import VLLMSettings
+        from prism.rollout.engine import make_backend
+
+        kv = None if a.vllm_kv_cache_gb is None else int(a.vllm_kv_cache_gb * 2 ** 30)
+        backend = make_backend("vllm", model, processor, a.chunk_size, model_path=str(model_dir),
+                               vllm=VLLMSettings(gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                                                 kv_cache_memory_bytes=kv, max_model_len=a.vllm_max_model_len))
     result = evaluate_model(model, processor, examples, samples=a.samples, temperature=a.temperature,
                             max_new_tokens=a.max_new_tokens, chunk_size=a.chunk_size, reference=reference,
-                            embed_model=embed, task=task, backend=a.backend, answer_format=a.answer_format)
+                            embed_model=embed, task=task, backend=backend, answer_format=a.answer_format)
     if not reference:
         result["note_drift"] = "no reference responses: drift skipped"
     result.update({"model": str(model_dir), "data": a.data, "samples": a.samples, "temperature": a.temperature,

@@ -12,6 +12,11 @@ parallelism give the same update as one big batch.
 Old log-probs: with one epoch and one mini-batch the policy cannot move between sampling and the
 update, so π_old = sg(π) (ratio exactly 1, the on-policy gradient) and no extra forward is
 spent; otherwise they are recomputed once, before the first step, with the same forward.
+
+The sampler's own log-probs (`rollouts.log_probs`) are compared with π_old over the response tokens:
+`logprob_diff_mean` / `logprob_diff_max` (|π_rollout − π_old| in log space; verl's
+`rollout_probs_diff`), which exposes a weight-sync or precision fault of the sampler, and with
+`algo.tis_cap` they weight the loss (truncated importance sampling, `prism.losses.policy`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from prism.core.rollouts import Rollouts
 from prism.dist.update import ModelUpdate, reduce_mean
 from prism.losses.aggregate import aggregate_loss, masked_mean
 from prism.losses.kl import kl_penalty
-from prism.losses.policy import ALGORITHMS, compute_policy_loss
+from prism.losses.policy import ALGORITHMS, compute_policy_loss, truncated_is_weights
 from prism.models.logprobs import token_log_probs
 
 
@@ -69,6 +74,9 @@ def policy_update(
     sums: dict[str, float] = {}
     weight = 0.0
     n_opt_steps = 0
+    diff = _LogProbDiff()
+    if old_all is not None:
+        diff.add(old_all, rollouts.log_probs, rollouts.response_mask)
     model.train()
     for _ in range(algo.ppo_epochs):
         for rows in _mini_batches(n // G, G, algo.mini_batches):
@@ -79,7 +87,8 @@ def policy_update(
             for m, idx in enumerate(micro):
                 with update.micro_batch(last=m == len(micro) - 1):
                     loss, pm, tokens = _micro_loss(model, rollouts.select(idx), advantages[idx], old_all, idx,
-                                                   ref_log_probs, algo, temperature, num_tokens, num_seqs)
+                                                   ref_log_probs, algo, temperature, num_tokens, num_seqs,
+                                                   diff if old_all is None else None)
                     update.backward(loss)  # already this micro-batch's share of the global mean
                 for k, v in pm.items():
                     sums[k] = sums.get(k, 0.0) + v * tokens
@@ -97,22 +106,53 @@ def policy_update(
     if update.world > 1:  # the loss is each process's share of the global mean; the rest are per-process means
         metrics = reduce_mean(accelerator, metrics)
         metrics["loss"] *= update.world
+    metrics.update(diff.result(accelerator))
     return metrics
+
+
+class _LogProbDiff:
+    """|π_rollout − π_old| over response tokens, summed here and over processes: mean and max."""
+
+    def __init__(self):
+        self.total, self.count, self.max = 0.0, 0.0, 0.0
+
+    def add(self, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.bool().to(old.device)
+        d = (old.detach().float() - rollout.to(old.device).float()[:, :old.shape[1]]).abs()[m[:, :old.shape[1]]]
+        if d.numel():
+            self.total += float(d.sum())
+            self.count += float(d.numel())
+            self.max = max(self.max, float(d.max()))
+
+    def result(self, accelerator) -> dict[str, float]:
+        totals = torch.tensor([self.total, self.count], device=accelerator.device)
+        peak = torch.tensor(self.max, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, "sum")
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        total, count = totals.tolist()
+        return {"logprob_diff_mean": total / max(count, 1.0), "logprob_diff_max": float(peak)}
 
 
 def _micro_loss(model, part: Rollouts, advantages: torch.Tensor, old_all: torch.Tensor | None, idx: torch.Tensor,
                 ref_log_probs: torch.Tensor | None, algo: AlgoSettings, temperature: float, num_tokens: float,
-                num_seqs: float) -> tuple[torch.Tensor, dict[str, float], float]:
+                num_seqs: float, diff: _LogProbDiff | None = None) -> tuple[torch.Tensor, dict[str, float], float]:
     """The policy loss of one micro-batch (+ β·KL with a reference), its metrics and its token count.
-    π_old is sg(π) in a single on-policy pass (ratio 1), else the log-probs recomputed before the first step."""
+    π_old is sg(π) in a single on-policy pass (ratio 1), else the log-probs recomputed before the first step;
+    `diff` (the single pass) records |π_rollout − π_old| of this micro-batch."""
     device = advantages.device
     log_probs, entropy = token_log_probs(model, part, temperature, with_entropy=True)
     mask = part.response_mask.to(device)
     T = mask.shape[1]
     old = log_probs.detach() if old_all is None else old_all[idx, :T].to(device)
+    if diff is not None:
+        diff.add(old, part.log_probs, mask)
+    weights = None
+    if algo.tis_cap is not None:
+        weights = truncated_is_weights(old, part.log_probs[:, :T].to(device), algo.tis_cap)
     loss, pm = compute_policy_loss(algo.name, log_probs, old, advantages, mask, num_tokens=num_tokens,
                                    num_seqs=num_seqs, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                                   loss_agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
+                                   loss_agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c, token_weights=weights)
     if ref_log_probs is not None and algo.kl_coef > 0:
         kl = kl_penalty(log_probs, ref_log_probs[idx, :T].to(device), algo.kl_estimator)
         agg = algo.loss_agg or ALGORITHMS[algo.name].loss_agg

@@ -210,4 +210,7 @@ def end_step(cfg, step: int, metrics: dict[str, float], tracker: Tracker, *,
 def close_run(accelerator: Accelerator, tracker: Tracker, bar: tqdm) -> None:
     bar.close()
     tracker.close()
-    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # the process group accelerate set up; one process has none of its own, and a group found there
+        # belongs to someone else (a colocated vLLM engine's), which must outlive the run
+        accelerator.end_training()

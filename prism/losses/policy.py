@@ -17,6 +17,12 @@ loss of a token with A < 0 is capped at −A·c,
     l_t = min(−min(r_t·A, clip(r_t, 1−ε_lo, 1+ε_hi)·A), −A·c)   if A < 0,   unchanged if A ≥ 0,
 
 so a token whose ratio ran far above 1 cannot push the loss (and the update) without bound.
+
+Truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+Off-Policy RL Training"; verl's `tis_imp_ratio_cap`), when the sampler's distribution π_rollout (e.g.
+vLLM's kernels) differs from the trainer's π_old: each token's loss is weighted by
+
+    w_t = min(π_old(y_t) / π_rollout(y_t), C)       (`truncated_is_weights`, `token_weights` below).
 """
 
 from __future__ import annotations
@@ -119,10 +125,12 @@ def compute_policy_loss(
     num_tokens: float | torch.Tensor | None = None,
     num_seqs: float | None = None,
     clip_ratio_c: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy loss of `algo` (grpo | dapo | gspo) with its defaults unless overridden.
 
-    log_probs, old_log_probs, response_mask: [N, T]; advantages: [N].
+    log_probs, old_log_probs, response_mask: [N, T]; advantages: [N]; token_weights: [N, T] or None,
+    multiplied into each token's loss before aggregation (truncated importance sampling, module doc).
     Returns (scalar loss, metrics): `clip_frac` (tokens where the clipped branch is taken),
     `clip_frac_low` / `clip_frac_high` (of those, r below 1−ε_lo with A < 0 / above 1+ε_hi with A > 0),
     `approx_kl` (mean of logp_old − logp over tokens: KL(π_old‖π) by the k1 estimator), `ratio_mean`
@@ -151,6 +159,10 @@ def compute_policy_loss(
     capped = torch.zeros_like(clipped)
     if clip_ratio_c is not None:
         loss_mat, capped = dual_clip(loss_mat, advantages, clip_ratio_c)
+    if token_weights is not None:
+        if token_weights.shape != loss_mat.shape:
+            raise ValueError(f"token_weights must be [N, T] = {tuple(loss_mat.shape)}, got {tuple(token_weights.shape)}")
+        loss_mat = loss_mat * token_weights.detach()
     loss = aggregate_loss(loss_mat, response_mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
     with torch.no_grad():
@@ -165,4 +177,15 @@ def compute_policy_loss(
         }
         if clip_ratio_c is not None:
             metrics["clip_frac_dual"] = masked_mean(capped.float(), m).item()
+        if token_weights is not None:
+            metrics["tis_weight_mean"] = masked_mean(token_weights.float(), m).item()
     return loss, metrics
+
+
+def truncated_is_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(exp(logp_old_t − logp_rollout_t), C) [N, T], no gradient (module doc: truncated IS, Yao et
+    al. 2025). old_log_probs: the trainer's π_old; rollout_log_probs: the sampler's, both [N, T]."""
+    if cap <= 0:
+        raise ValueError(f"the truncation cap C must be > 0, got {cap}")
+    log_ratio = (old_log_probs - rollout_log_probs).detach().clamp(max=MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap)

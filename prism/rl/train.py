@@ -209,7 +209,8 @@ def train(cfg: RLConfig) -> dict:
     update = ModelUpdate(accelerator, model, optimizer, params, cfg.optim.max_grad_norm,
                          max_change=cfg.optim.max_param_change)
     backend = make_backend(cfg.rollout.backend, accelerator.unwrap_model(model), processor, cfg.rollout.chunk_size,
-                           compile=cfg.rollout.compile)
+                           compile=cfg.rollout.compile, vllm=cfg.rollout.vllm,
+                           model_path=cfg.model.path)
     collector = BatchCollector(cfg, accelerator, backend, prompts, rewards)
 
     start = 0
@@ -233,7 +234,7 @@ def train(cfg: RLConfig) -> dict:
                               logprob_token_budget=cfg.rollout.logprob_token_budget,
                               ref_log_probs=reference_log_probs(cfg, reference, rollouts), step=step)
         scheduler.step()
-        metrics.update({f"actor/{k}": v for k, v in actor.items()})
+        metrics.update({f"rollout/{k}" if k.startswith("logprob_diff") else f"actor/{k}": v for k, v in actor.items()})
         metrics.update({"time/update": time.perf_counter() - t1, "time/step": time.perf_counter() - t0,
                         "actor/lr": scheduler.get_last_lr()[0]})
         metrics = reduce_mean(accelerator, metrics, ("rollout/",))

@@ -9,7 +9,7 @@ into `Rollouts` (`prism.core.rollouts`); `HFBackend` uses transformers' `generat
 left-padded prompts, `chunk_size` sequences at a time to bound memory). The trainers only see the
 `RolloutBackend` protocol (`rollout` + `sync_weights`), built by `make_backend` from the config's
 `rollout.backend`: `native` (`prism.rollout.native`: one prefill per prompt, a static KV cache, the
-default) or `hf`; another backend (vLLM) plugs in without touching them.
+default), `hf`, or `vllm` (`prism.rollout.vllm_engine`: a colocated vLLM engine).
 
 `log_probs` are the sampling policy's log-probs of the sampled tokens under the
 temperature-scaled distribution softmax(logits / T), recorded during generation without keeping
@@ -166,10 +166,18 @@ _WARNED: set[str] = set()
 
 
 def make_backend(name: str, model: torch.nn.Module, processor, chunk_size: int = 64,
-                 compile: bool = False) -> RolloutBackend:
+                 compile: bool = False, vllm=None, model_path: str | None = None) -> RolloutBackend:
     """The rollout backend `name` (config key `rollout.backend`) sampling from `model`. `compile`: the native
     sampler's compiled decode step (`rollout.compile`). A model the native sampler cannot run (sharded
-    weights, another architecture) is sampled by the HF backend, with a warning saying why."""
+    weights, another architecture) is sampled by the HF backend, with a warning saying why. `vllm`: the
+    engine settings (`rollout.vllm`) and `model_path` the folder it loads (`model.path`) for name "vllm"."""
+    if name == "vllm":
+        from prism.core.config import VLLMSettings
+        from prism.rollout.vllm_engine import VLLMBackend
+
+        if model_path is None:
+            raise ValueError("rollout.backend=vllm: the engine needs the model's folder (model_path)")
+        return VLLMBackend(model, processor, model_path, vllm or VLLMSettings(), chunk_size)
     if name == "native":
         why = supports_native(model)
         if why is None:
@@ -182,12 +190,15 @@ def make_backend(name: str, model: torch.nn.Module, processor, chunk_size: int =
 
 
 def sample(model, processor, examples: Sequence[Example], params: SamplingParams, chunk_size: int = 64,
-           backend: str = "hf") -> Rollouts:
-    """Sample `params.n` responses per example with the backend named `backend`."""
-    return make_backend(backend, model, processor, chunk_size).rollout(examples, params)
+           backend: str | RolloutBackend = "hf") -> Rollouts:
+    """Sample `params.n` responses per example with the backend named `backend` (or that backend object,
+    e.g. a vLLM engine built once for several calls)."""
+    if isinstance(backend, str):
+        backend = make_backend(backend, model, processor, chunk_size)
+    return backend.rollout(examples, params)
 
 
 def sample_texts(model, processor, examples: Sequence[Example], params: SamplingParams,
-                 chunk_size: int = 32, backend: str = "hf") -> list[str]:
+                 chunk_size: int = 32, backend: str | RolloutBackend = "hf") -> list[str]:
     """Response texts only (evaluation): one per example and sample, in order."""
     return sample(model, processor, examples, params, chunk_size=chunk_size, backend=backend).texts

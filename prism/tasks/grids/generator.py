@@ -16,6 +16,11 @@ drifted; the curated ones are clean. We build the drift so that its two parts ca
   finds nothing wrong; only a judge that looks at the image (the perception expert) can see
   that the caption disagrees with the pixels. Optional `caption_noise` adds unstructured
   perception errors on top, handled the same way.
+- Layout drift (`layout_drift`, off by default): with probability `layout_rate` the caption places
+  the cells wrongly while keeping every colour count — `swap_rows` exchanges two rows, `flip_rows`
+  lists the rows bottom-up — and, as above, the reasoning and answer follow that caption. Caption
+  text statistics then look right; only a judge that sees the image can tell, and only questions
+  that depend on position (`row_count`) are answered wrongly.
 - Reasoning drift: with probability `terse_rate` the step-by-step trace ("Count each colour:
   red 3, green 2, ... so red 3.") is replaced by a terse one ("red: 3."), a style gap the
   reasoning expert can see without the image.
@@ -53,6 +58,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 QUESTION_TYPES = ("count", "compare", "row_count", "most")
 DEFAULT_PALETTE = ("red", "green", "blue", "yellow")
 SPLITS = ("test", "align", "rl", "curated", "public")  # fill order; see module docstring
+LAYOUT_DRIFTS = ("none", "swap_rows", "flip_rows")
 
 Scene = list[list[str]]
 
@@ -85,6 +91,10 @@ class SynthConfig:
     """P(a cell is captioned as a random other colour) in the public pool."""
     terse_rate: float = 0.8
     """P(a public response has the terse trace instead of the step-by-step one)."""
+    layout_drift: str = "none"
+    """none | swap_rows | flip_rows: how a public caption misplaces cells (colour counts kept)."""
+    layout_rate: float = 0.5
+    """P(a public caption has the layout drift), when layout_drift is not none."""
 
     def __post_init__(self) -> None:
         self.grids = tuple(int(g) for g in self.grids)
@@ -98,7 +108,9 @@ class SynthConfig:
                 setattr(self, name, default)
             elif getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("bias_rate", "caption_noise", "terse_rate"):
+        if self.layout_drift not in LAYOUT_DRIFTS:
+            raise ValueError(f"layout_drift must be one of {list(LAYOUT_DRIFTS)}, got {self.layout_drift!r}")
+        for name in ("bias_rate", "caption_noise", "terse_rate", "layout_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.grids or any(not 2 <= g <= 6 for g in self.grids):
@@ -286,7 +298,16 @@ def _drift(rng: random.Random, scene: Scene, cfg: SynthConfig) -> tuple[Scene, d
                 c, biased = cfg.bias_to, biased + 1
             new_row.append(c)
         out.append(new_row)
-    return out, {"biased_cells": biased, "noisy_cells": noisy}
+    info = {"biased_cells": biased, "noisy_cells": noisy}
+    if cfg.layout_drift != "none":  # drawn only when on: the default data stays byte for byte the same
+        moved = rng.random() < cfg.layout_rate and len(out) > 1
+        if moved and cfg.layout_drift == "swap_rows":
+            i, j = rng.sample(range(len(out)), 2)
+            out[i], out[j] = out[j], out[i]
+        elif moved:
+            out = out[::-1]
+        info["layout"] = cfg.layout_drift if moved and out != [list(r) for r in scene] else "none"
+    return out, info
 
 
 def _record(split: str, i: int, scene: Scene, qtype: str, params: dict, response: str,
@@ -381,8 +402,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--palette", type=_csv(str), default=d.palette, help=",".join(COLORS))
     p.add_argument("--bias-from", default=d.bias_from)
     p.add_argument("--bias-to", default=d.bias_to)
-    for name in ("bias-rate", "caption-noise", "terse-rate"):
+    for name in ("bias-rate", "caption-noise", "terse-rate", "layout-rate"):
         p.add_argument(f"--{name}", type=float, default=getattr(d, name.replace("-", "_")))
+    p.add_argument("--layout-drift", choices=LAYOUT_DRIFTS, default=d.layout_drift,
+                   help="how public captions misplace cells, keeping colour counts (module docstring)")
     args = p.parse_args(argv)
     try:
         result = generate(SynthConfig(**vars(args)))

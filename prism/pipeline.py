@@ -74,7 +74,10 @@ from prism.sft.train import train as train_sft
 from prism.tracking import logged_seconds, read_curves
 
 log = logging.getLogger("prism.pipeline")
-FULL = ["algos=[grpo, dapo, gspo]", "seeds=[0, 1, 2]", "ablations=[dense, text_only, alpha0, alpha1]"]
+FULL = ["algos=[grpo, dapo, gspo]", "seeds=[0, 1, 2, 3, 4]", "ablations=[dense, text_only, alpha0, alpha1]",
+        "synth.n_test=1000", "eval.limit=null"]
+"""--full: every algorithm and ablation, five seeds (paired comparisons need several), and a 1,000-question test
+split evaluated whole (at ~60 % accuracy, 200 questions carry ±3.5 points of sampling noise; 1,000, ±1.5)."""
 ABLATION_OVERRIDES = {"dense": ["discriminator.dense=true"], "text_only": ["discriminator.text_only=true"],
                       "alpha0": ["align.alpha=0.0"], "alpha1": ["align.alpha=1.0"]}
 
@@ -136,6 +139,11 @@ class PipelineConfig(Section):
     eval: PipelineEvalSettings = PipelineEvalSettings()
     threads: int | None = Field(None, gt=0)
     """torch intra-op threads (null: leave torch's default)."""
+    processes: int = Field(1, gt=0)
+    """Stages trained at once, each (with its evaluation) in a process of its own: a stage starts as soon
+    as the stage it starts from is done, so independent branches (SFT→X beside ALIGN→PRISM+X, the seeds)
+    run side by side. The threads are shared out: each process gets max(1, threads // processes). A
+    stage's results do not depend on this, only on its own thread count (tested)."""
 
 
 INPUT_PATHS = ("model_path", "data_dir", "sft.config", "align.config", "rl.config")
@@ -188,6 +196,8 @@ class Stage:
 
     name: str
     """What the log and the timings call it: sft/seed0, rl-sft-grpo/seed0, align-dense/seed0, rl-prism-grpo/seed0."""
+    after: str | None
+    """The name of the stage it starts from (None: it starts from the base model)."""
     row: str
     """Its row of the results: SFT, SFT→X, PRISM, PRISM[variant] or PRISM+X."""
     seed: int
@@ -220,7 +230,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------ the plan
 
     def _stage(self, name: str, row: str, seed: int, cls, ref: StageRef, overrides: list[str], train_fn,
-               check=None, curves: tuple[str, ...] = ()) -> Stage:
+               check=None, curves: tuple[str, ...] = (), after: Stage | None = None) -> Stage:
         """A stage's config as it will train (the stage file < its pipeline overrides < the pipeline's
         own settings), checked; a problem stops in one line naming the stage."""
         try:
@@ -232,13 +242,13 @@ class Pipeline:
                 check(cfg)
             except ConfigError as e:
                 raise ConfigError(f"{name}: {ref.config} + overrides: {e}") from None
-        return Stage(name, row, seed, cfg, train_fn, curves)
+        return Stage(name, after.name if after else None, row, seed, cfg, train_fn, curves)
 
     def _rl(self, seed: int, algo: str, start: Stage, branch: str, row: str) -> Stage:
         return self._stage(f"rl-{branch}-{algo}/seed{seed}", row, seed, RLConfig, self.cfg.rl, [
             f"model.path={start.checkpoint}", f"data.train={self.data}/rl.jsonl", "data.eval=null",
             f"algo.name={algo}", f"train.output_dir={self.work}/seed{seed}/{branch}-{algo}", f"train.seed={seed}"],
-            train_rl, check_rl, RL_CURVES)
+            train_rl, check_rl, RL_CURVES, after=start)
 
     def _align(self, seed: int, start: Stage, variant: str) -> Stage:
         row = "PRISM" if variant == "default" else f"PRISM[{variant}]"
@@ -247,7 +257,7 @@ class Pipeline:
             f"model.path={start.checkpoint}", f"discriminator.path={start.checkpoint}",
             f"data.train={self.data}/align.jsonl", "data.eval=null",
             f"train.output_dir={self.work}/seed{seed}/align-{variant}", f"train.seed={seed}",
-            *ABLATION_OVERRIDES.get(variant, [])], train_align, check_align, ALIGN_CURVES)
+            *ABLATION_OVERRIDES.get(variant, [])], train_align, check_align, ALIGN_CURVES, after=start)
 
     def plan(self) -> list[Stage]:
         """Every stage of the run in the order it runs, each with the config it trains with: built
@@ -367,6 +377,40 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------ the run
 
+    def run_stage(self, stage: Stage) -> dict:
+        """Train (or reuse) one stage and evaluate it: its evaluation, curves, seconds, whether trained now."""
+        ckpt = self._train(stage)
+        return {"eval": self.evaluate(ckpt, stage.seed),
+                "curves": read_curves(ckpt.parent, stage.curves) if stage.curves else None,
+                "seconds": self.timings.get(stage.name), "trained": stage.name in self.trained}
+
+    def _run_stages(self, stages: list[Stage]) -> dict[str, dict]:
+        """Every stage's `run_stage` result: here, in plan order, or `processes` at a time in worker
+        processes, each stage submitted once the stage it starts from is done."""
+        if self.cfg.processes == 1:
+            return {stage.name: self.run_stage(stage) for stage in stages}
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        threads = max(1, (self.cfg.threads or torch.get_num_threads()) // self.cfg.processes)
+        done: dict[str, dict] = {}
+        waiting = list(stages)
+        running: dict = {}
+        with ProcessPoolExecutor(self.cfg.processes, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(self.cfg, threads)) as pool:
+            while waiting or running:
+                for stage in [s for s in waiting if s.after is None or s.after in done]:
+                    waiting.remove(stage)
+                    log.info("=== %s: started in a worker process (%d thread%s)", stage.name, threads,
+                             "s" if threads > 1 else "")
+                    running[pool.submit(_worker_stage, stage)] = stage
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    stage = running.pop(future)
+                    done[stage.name] = future.result()  # a stage's error stops the run here, as it would alone
+                    log.info("=== %s: done", stage.name)
+        return done
+
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -374,13 +418,17 @@ class Pipeline:
         self.check_reuse(stages)  # and nothing already there was made with other settings
         self.work.mkdir(parents=True, exist_ok=True)
         self.prepare()
+        done = self._run_stages(stages)
         rows: dict[str, dict[str, dict]] = {}   # row name -> seed -> evaluation
         curves: dict[str, dict[str, list]] = {}  # run name -> metric curves
-        for stage in stages:
-            ckpt = self._train(stage)
-            rows.setdefault(stage.row, {})[str(stage.seed)] = self.evaluate(ckpt, stage.seed)
+        for stage in stages:  # in plan order, however the stages were scheduled
+            out = done[stage.name]
+            rows.setdefault(stage.row, {})[str(stage.seed)] = out["eval"]
             if stage.curves:
-                curves[f"seed{stage.seed}/{stage.row}"] = read_curves(ckpt.parent, stage.curves)
+                curves[f"seed{stage.seed}/{stage.row}"] = out["curves"]
+            if out["seconds"] is not None:
+                self.timings[stage.name] = out["seconds"]
+        self.trained = [stage.name for stage in stages if done[stage.name]["trained"]]
         results = {
             "config": cfg.model_dump(mode="json"),
             "rows": rows,
@@ -396,6 +444,20 @@ class Pipeline:
         results["plots"] = make_plots(results, self.work / "plots")
         (self.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
+
+
+_WORKER: dict[str, Pipeline] = {}
+
+
+def _worker_init(cfg: PipelineConfig, threads: int) -> None:
+    """A worker process of `processes`: its share of the threads, the pipeline's log format, its Pipeline."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _WORKER["pipeline"] = Pipeline(cfg)
+
+
+def _worker_stage(stage: Stage) -> dict:
+    return _WORKER["pipeline"].run_stage(stage)
 
 
 def machine() -> dict:
@@ -415,8 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="prism-pipeline", description="SFT -> {X | ALIGN -> X} on the embedded task, "
                                 "evaluated after every stage. `prism-pipeline report --help` writes the results page.")
     p.add_argument("--config", default="configs/demo/pipeline.yaml")
-    p.add_argument("--full", action="store_true", help="X in {grpo,dapo,gspo}, 3 seeds, dense / text_only / alpha "
-                   "ablations")
+    p.add_argument("--full", action="store_true", help="X in {grpo,dapo,gspo}, 5 seeds, dense / text_only / alpha "
+                   "ablations, 1,000 test questions")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. workdir=runs/p2 seeds=[0,1]")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -105,6 +105,40 @@ def reading(results: dict) -> list[str]:
     return lines
 
 
+def comparisons(results: dict) -> list[tuple[str, str]]:
+    """(row B, row A) pairs the page compares as B − A: PRISM vs SFT, PRISM+X vs SFT→X, each ablation vs PRISM."""
+    rows = results["rows"]
+    pairs = [("PRISM", "SFT"), *((f"PRISM+{x}", f"SFT→{x}") for x in results["config"]["algos"]),
+             *((row, "PRISM") for row in rows if row.startswith("PRISM["))]
+    return [(b, a) for b, a in pairs if b in rows and a in rows]
+
+
+def paired(results: dict, level: float = 0.95) -> list[str]:
+    """A markdown table of per-seed differences B − A of test accuracy (points), each seed's B and A
+    sharing its SFT checkpoint, with the percentile-bootstrap interval of their mean and its verdict
+    (prism.eval.stats), greedy and sampled."""
+    from prism.eval.stats import bootstrap_interval, paired_differences, verdict
+
+    lines = [f"| comparison (B − A) | seeds | greedy: mean [{100 * level:.0f}% interval] | | "
+             f"sampled: mean [{100 * level:.0f}% interval] | |", "|---|---|---|---|---|---|"]
+    for b, a in comparisons(results):
+        cells = []
+        for group in ("greedy", "sampled"):
+            acc = {name: {int(seed): 100 * r[group]["accuracy"] for seed, r in results["rows"][name].items()
+                          if "accuracy" in r.get(group, {})} for name in (b, a)}
+            try:
+                diffs = paired_differences(acc[a], acc[b])
+            except ValueError:
+                cells += ["—", ""]
+                continue
+            mean, low, high = bootstrap_interval(diffs, level)
+            cells += [f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]",
+                      verdict(low, high) if len(diffs) > 1 else "one seed: no interval"]
+        n = len(set(results["rows"][a]) & set(results["rows"][b]))
+        lines.append(f"| {b} − {a} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def efficiency(memory: dict | None, gpu: list[dict] | None) -> list[str]:
     """The memory report and the GPU throughput figures (benchmarks/*.py --out), or what is missing."""
     lines = ["## Memory and GPU efficiency", ""]
@@ -216,6 +250,15 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         "## Plots",
         "",
         *[f"![{Path(p).stem}]({p})" for p in plots_rel],
+        "",
+        "## Paired comparisons",
+        "",
+        "Each seed's two rows start from that seed's SFT checkpoint and are evaluated on the same test "
+        "questions, so the comparison is the per-seed difference (points of test accuracy), its mean and "
+        "a 95% percentile-bootstrap interval over seeds: better / worse when the interval excludes 0, "
+        "else not distinguishable.",
+        "",
+        *paired(results),
         "",
         "## Reading",
         "",

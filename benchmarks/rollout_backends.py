@@ -5,7 +5,7 @@ in the same run.
     python benchmarks/rollout_backends.py [--model DIR] [--prompts 16 --n 8 --tokens 64] [--backends hf,native,vllm]
 
 Needs vLLM for `vllm` (the test environment: `make setup-vllm`, then
-`PYTHONPATH=tests/vllm .venv-vllm/bin/python benchmarks/rollout_backends.py` on a CPU). Without
+`PYTHONPATH=tests/vllm_backend .venv-vllm/bin/python benchmarks/rollout_backends.py` on a CPU). Without
 `--model`, the tiny Qwen3-VL is built in a temporary folder (random weights: an EOS is rare, and the
 figure counts the tokens each backend actually generated). Each backend is
 warmed up once at the measured batch (vLLM's engine start, ~40 s on a CPU, is reported apart), then

@@ -151,7 +151,7 @@ def test_log_probs_under_a_token_budget_equal_the_fixed_chunks(model, tiny_proce
 
 
 def test_vllm_backend_without_vllm_names_the_install_command(model, tiny_processor, tiny_model_dir, monkeypatch):
-    """Where vLLM is not installed (this environment; tests/vllm run in one that has it), asking for the
+    """Where vLLM is not installed (this environment; tests/vllm_backend run in one that has it), asking for the
     backend is one line naming what to install; a multiprocess engine or CPU sleep mode are refused too."""
     import builtins
 

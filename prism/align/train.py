@@ -28,7 +28,6 @@ optimizers and RNG states, so a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -59,7 +58,7 @@ from prism.core.response import is_format_valid
 from prism.core.rollouts import SamplingParams
 from prism.core.task import load_task
 from prism.data.formats import load_examples
-from prism.data.loader import prompt_batch, step_loader
+from prism.data.loader import prompt_batches
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_mean
 from prism.eval.policy import evaluate
 from prism.loop.policy_update import policy_update
@@ -234,9 +233,8 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     watch = CollapseWatch(d.collapse_window, d.stop_on_collapse, d.lr,
                           history=[r for r in metric_rows(out) if 0 < r["step"] <= start][-d.collapse_window:])
     # step s plays prompt batch s - 1; with data.num_workers, loader processes decode its images ahead
-    make = functools.partial(prompt_batch, prompts, cfg.train.prompts_per_step, world, rank, cfg.train.seed,
-                             cfg.data.num_workers > 0)
-    batches = step_loader(make, start, cfg.train.max_steps - 1, cfg.data.num_workers, cfg.data.prefetch)
+    batches = prompt_batches(prompts, cfg.train.prompts_per_step, world, rank, cfg.train.seed, start,
+                             cfg.train.max_steps - 1, cfg.data.num_workers, cfg.data.prefetch)
     for step in range(start + 1, cfg.train.max_steps + 1):
         batch = next(batches)
         metrics = game_step(cfg, game, batch, step, task)

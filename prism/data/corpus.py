@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from itertools import chain
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -310,20 +310,15 @@ def _rows(part: list[tuple[int, Shard | None]], settings: list[dict[str, Any]]) 
     skipped = Skipped(file=Path(str(s["path"])))
     stats: dict[str, Any] = {"rows": 0, "dropped": 0, "error": None, "complete": False}
     try:
-        batch: list[Example] = []
         examples = iter_examples(s["path"], s["format"], require_response=s["require_response"],
                                  skip_bad=s["skip_bad"], skipped=skipped, shard=shard)
-        for example in chain(examples, [None]):
-            if example is not None:
-                batch.append(example)
-            if batch and (example is None or len(batch) == CHUNK):
-                for ex, length in zip(batch, token_lengths(s["processor"], batch)):
-                    stats["rows"] += 1
-                    if length > s["max_length"]:
-                        stats["dropped"] += 1
-                    else:
-                        yield {**_row(ex), "length": length}
-                batch = []
+        while batch := list(islice(examples, CHUNK)):
+            for ex, length in zip(batch, token_lengths(s["processor"], batch)):
+                stats["rows"] += 1
+                if length > s["max_length"]:
+                    stats["dropped"] += 1
+                else:
+                    yield {**_row(ex), "length": length}
         stats["complete"] = True
     except DataError as e:
         stats["error"] = str(e)

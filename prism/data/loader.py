@@ -17,6 +17,7 @@ ready to process.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -55,6 +56,14 @@ def step_loader(make: Callable[[int], T], first: int, last: int, workers: int = 
     loader = DataLoader(_Steps(make, first, last), batch_size=None, shuffle=False, num_workers=workers,
                         prefetch_factor=prefetch, worker_init_fn=_one_thread, generator=torch.Generator())
     return iter(loader)
+
+
+def prompt_batches(prompts: Sequence[Example], per_step: int, world: int, rank: int, seed: int, first: int,
+                   last: int, workers: int = 0, prefetch: int = 2) -> Iterator[list[Example]]:
+    """This process's prompt batches number `first` .. `last` (`prompt_batch`), in order: built here, or
+    ahead by `workers` loader processes, which also decode the images."""
+    make = functools.partial(prompt_batch, prompts, per_step, world, rank, seed, workers > 0)
+    return step_loader(make, first, last, workers, prefetch)
 
 
 def prompt_batch(prompts: Sequence[Example], per_step: int, world: int, rank: int, seed: int, decode: bool,

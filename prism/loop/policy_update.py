@@ -111,26 +111,29 @@ def policy_update(
 
 
 class _LogProbDiff:
-    """|π_rollout − π_old| over response tokens, summed here and over processes: mean and max."""
+    """|π_rollout − π_old| over response tokens, accumulated on the device (no sync per micro-batch), then
+    summed over processes: mean and max."""
 
     def __init__(self):
-        self.total, self.count, self.max = 0.0, 0.0, 0.0
+        self.sums: torch.Tensor | None = None  # [sum, count]
+        self.max: torch.Tensor | None = None
 
     def add(self, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> None:
-        m = mask.bool().to(old.device)
-        d = (old.detach().float() - rollout.to(old.device).float()[:, :old.shape[1]]).abs()[m[:, :old.shape[1]]]
-        if d.numel():
-            self.total += float(d.sum())
-            self.count += float(d.numel())
-            self.max = max(self.max, float(d.max()))
+        T = old.shape[1]
+        d = (old.detach().float() - rollout.to(old.device).float()[:, :T]).abs()[mask.bool().to(old.device)[:, :T]]
+        sums = torch.stack([d.sum(), torch.tensor(float(d.numel()), device=d.device)])
+        peak = d.max() if d.numel() else torch.zeros((), device=d.device)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.max = peak if self.max is None else torch.maximum(self.max, peak)
 
     def result(self, accelerator) -> dict[str, float]:
-        totals = torch.tensor([self.total, self.count], device=accelerator.device)
-        peak = torch.tensor(self.max, device=accelerator.device)
+        device = accelerator.device
+        sums = torch.zeros(2, device=device) if self.sums is None else self.sums.to(device)
+        peak = torch.zeros((), device=device) if self.max is None else self.max.to(device)
         if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals, "sum")
+            sums = accelerator.reduce(sums, "sum")
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        total, count = totals.tolist()
+        total, count = sums.tolist()
         return {"logprob_diff_mean": total / max(count, 1.0), "logprob_diff_max": float(peak)}
 
 

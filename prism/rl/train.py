@@ -21,7 +21,6 @@ Groups never split across processes: each process samples whole groups for its o
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 import time
@@ -36,7 +35,7 @@ from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams
 from prism.core.task import load_task
 from prism.data.formats import load_examples
-from prism.data.loader import prompt_batch, step_loader
+from prism.data.loader import prompt_batches
 from prism.dist import (
     ModelUpdate,
     optimizer_from_config,
@@ -108,10 +107,9 @@ class BatchCollector:
         """One batch of prompts, sampled and scored: rollouts, rewards [N], reward parts, scoring seconds."""
         cfg, acc = self.cfg, self.acc
         if self._batches is None:  # batch number `cursor` onwards, images decoded ahead by data.num_workers
-            make = functools.partial(prompt_batch, self.prompts, cfg.train.prompts_per_step, acc.num_processes,
-                                     acc.process_index, cfg.train.seed, cfg.data.num_workers > 0)
-            self._batches = step_loader(make, self.cursor, self.cursor + 10 ** 9, cfg.data.num_workers,
-                                        cfg.data.prefetch)
+            self._batches = prompt_batches(self.prompts, cfg.train.prompts_per_step, acc.num_processes,
+                                           acc.process_index, cfg.train.seed, self.cursor, self.cursor + 10 ** 9,
+                                           cfg.data.num_workers, cfg.data.prefetch)
         batch = next(self._batches)
         self.cursor += 1
         rollouts = self.backend.rollout(batch, self.params)

@@ -12,7 +12,7 @@ padding excluded, over wall time of the whole `rollout` call: prompt encoding, p
 detokenisation), milliseconds per decoding position, and for the native sampler the time of one decode
 step alone (the eager step next to the compiled one). The last lines give the ratios native / hf.
 
-On a GPU, `benchmarks/gpu_throughput.py --backend native` measures tokens/s and the fraction of the
+On a GPU, `benchmarks/gpu_throughput.py --skip-sft --backends native,hf,native+compile` measures tokens/s and the fraction of the
 memory-bandwidth bound for a 1.7B model at 128 sequences.
 """
 

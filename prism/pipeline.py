@@ -14,8 +14,9 @@ perception / reasoning error split, drift from the references). A stage whose fi
 exists is not trained again and an evaluation already on disk is read back, so an interrupted
 pipeline resumes where it stopped; what is reused must have been made with this run's settings (a
 finished stage: its checkpoint's config; the data and the tiny model: a record beside them), or the
-run stops with one line naming the difference. `--full` runs X in {grpo, dapo, gspo}, 3 seeds and the
-`dense`, `text_only`, α = 0 and α = 1 ALIGN ablations, and reports mean ± std over seeds.
+run stops with one line naming the difference. `--full` (`FULL`) runs X in {grpo, dapo, gspo}, 5 seeds, the
+`dense`, `text_only`, α = 0 and α = 1 ALIGN ablations and 1,000 test questions, with the layout drift added
+to the public pool, and reports mean ± std over seeds and paired differences per seed.
 Writes WORKDIR/results.json and WORKDIR/plots/*.png.
 
 Before anything is built or trained, `Pipeline.plan` builds the config of every stage of the run (every
@@ -75,9 +76,13 @@ from prism.tracking import logged_seconds, read_curves
 
 log = logging.getLogger("prism.pipeline")
 FULL = ["algos=[grpo, dapo, gspo]", "seeds=[0, 1, 2, 3, 4]", "ablations=[dense, text_only, alpha0, alpha1]",
-        "synth.n_test=1000", "eval.limit=null"]
-"""--full: every algorithm and ablation, five seeds (paired comparisons need several), and a 1,000-question test
-split evaluated whole (at ~60 % accuracy, 200 questions carry ±3.5 points of sampling noise; 1,000, ±1.5)."""
+        "synth.n_test=1000", "eval.limit=null", "synth.layout_drift=flip_rows", "synth.layout_rate=0.6"]
+"""--full: every algorithm and ablation, five seeds (paired comparisons need several), a 1,000-question test
+split evaluated whole (at ~60 % accuracy, 200 questions carry ±3.5 points of sampling noise; 1,000, ±1.5), and
+a second drift in the public pool beside the colour bias, one only the image reveals: 60 % of its captions list
+the rows bottom-up (every colour count kept). The rate is the colour bias's, so that, as for the colour, the
+drifted caption is the pool's majority and an SFT model learns it; `flip_rows` rather than `swap_rows`, whose
+three random swaps would each be rarer than the true order."""
 ABLATION_OVERRIDES = {"dense": ["discriminator.dense=true"], "text_only": ["discriminator.text_only=true"],
                       "alpha0": ["align.alpha=0.0"], "alpha1": ["align.alpha=1.0"]}
 
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "evaluated after every stage. `prism-pipeline report --help` writes the results page.")
     p.add_argument("--config", default="configs/demo/pipeline.yaml")
     p.add_argument("--full", action="store_true", help="X in {grpo,dapo,gspo}, 5 seeds, dense / text_only / alpha "
-                   "ablations, 1,000 test questions")
+                   "ablations, 1,000 test questions, and the layout drift in the public pool")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. workdir=runs/p2 seeds=[0,1]")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

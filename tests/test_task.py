@@ -99,6 +99,29 @@ def test_the_grid_task_checks_captions_against_the_scene():
     assert TASK.groups(ex) == ["count", "2x2"]
 
 
+def test_the_grid_task_names_the_kind_of_a_caption_error_and_evaluation_splits_captions_by_it():
+    scene = [["red", "blue"], ["yellow", "yellow"]]
+    ex = _ex("1", scene=scene, question_type="row_count", params={"color": "red", "row": 1}, grid=2)
+    kind = TASK.caption_error_kind
+    assert kind("row 1: red blue; row 2: yellow yellow", ex) is None  # right
+    assert kind("row 1: yellow yellow; row 2: red blue", ex) == "layout"  # rows flipped, every count kept
+    assert kind("row 1: blue red; row 2: yellow yellow", ex) == "layout"  # moved within a row
+    assert kind("row 1: red blue; row 2: blue yellow", ex) == "colour"  # yellow seen as blue
+    assert kind("row 1: yellow blue; row 2: yellow yellow", ex) == "colour"
+    assert kind("row 1: yellow yellow; row 2: blue blue", ex) == "colour"  # moved and miscoloured
+    assert kind("row 1: red blue", ex) == "unreadable" and kind(None, ex) == "unreadable"
+    assert kind("row 1: red; row 2: blue", ex) == "unreadable"  # wrong shape
+    assert kind("row 1: red blue", _ex("1")) is None  # no scene
+
+    captions = ["row 1: red blue; row 2: yellow yellow", "row 1: yellow yellow; row 2: red blue",
+                "row 1: red blue; row 2: blue yellow", "nonsense"]
+    m = score_responses([ex] * 4, [_resp(c, "t", "1") for c in captions], TASK)
+    assert m["caption_match"] == 0.25
+    assert (m["caption_error/layout"], m["caption_error/colour"], m["caption_error/unreadable"]) == (0.25, 0.25, 0.25)
+    assert "caption_error/layout" not in score_responses([ex], [_resp(captions[0], "t", "1")], TASK)
+    assert not any(k.startswith("caption_error/") for k in score_responses([_ex("1", letter="a")], [_resp("b", "t", "1")], LETTERS))
+
+
 def test_the_grid_task_rejects_bad_data_settings_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match="synth: .*bias_rate"):
         TASK.make_data(tmp_path / "d", {"n": 8, "bias_rate": 2.0})

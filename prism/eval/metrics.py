@@ -15,6 +15,10 @@ Error split (fractions of all responses; with `accuracy` they sum to 1):
     error/perception   wrong answer, valid, caption disagrees with the scene
     error/reasoning    wrong answer, valid, caption matches the scene
 (without a task, or on examples it has no ground truth for, a valid wrong answer counts as reasoning.)
+
+With a task that names the kind of a wrong caption (optional `caption_error_kind`, `prism.core.task`),
+`caption_error/<kind>` is the fraction of checked captions wrong in that way (with `caption_match` they
+sum to 1), whatever the answer.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str], task:
         return {}
     counts: dict[str, float] = defaultdict(float)
     per_type: dict[str, list[bool]] = defaultdict(list)
+    error_kind = getattr(task, "caption_error_kind", None)
     for ex, text in zip(examples, responses):
         parsed = parse_response(text)
         valid = answer_format_valid(text, answer_format)
@@ -84,6 +89,9 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str], task:
             counts["caption_checked"] += 1
             counts["caption_ok"] += seen_right
             counts["correct_given_caption_ok"] += seen_right and correct
+            kind = error_kind(parsed.caption, ex) if error_kind is not None and not seen_right else None
+            if kind is not None:
+                counts[f"caption_kind/{kind}"] += 1
         if not correct:
             kind = "format" if not valid else "perception" if seen_right is False else "reasoning"
             counts[f"error_{kind}"] += 1
@@ -94,6 +102,8 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str], task:
         metrics[f"error/{kind}"] = counts[f"error_{kind}"] / n
     if counts["caption_checked"]:
         metrics["caption_match"] = counts["caption_ok"] / counts["caption_checked"]
+        for key in sorted(k for k in counts if k.startswith("caption_kind/")):
+            metrics["caption_error/" + key.partition("/")[2]] = counts[key] / counts["caption_checked"]
         if counts["caption_ok"]:
             metrics["reasoning_given_perception"] = counts["correct_given_caption_ok"] / counts["caption_ok"]
     for qtype, hits in sorted(per_type.items()):

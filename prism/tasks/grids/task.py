@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 from prism.align.warmup import corrupt_caption, corrupt_response, corrupt_think, swap_one
@@ -16,6 +17,7 @@ from prism.tasks.grids.generator import (
     SynthConfig,
     caption_matches_scene,
     generate,
+    scene_from_caption,
 )
 
 _COLOUR = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
@@ -30,6 +32,23 @@ class GridTask:
         if "scene" not in example.meta:
             return None
         return caption is not None and caption_matches_scene(caption, example.meta["scene"])
+
+    def caption_error_kind(self, caption: str | None, example: Example) -> str | None:
+        """What is wrong with a caption that does not match the scene: `layout` (a grid of the right shape
+        and the right count of every colour, cells misplaced: the drift only the image shows), `colour`
+        (a grid of the right shape, some colour counts wrong: the colour bias, or any miscoloured cell),
+        or `unreadable` (no caption, not a grid, or the wrong shape); None when it matches or the example
+        has no scene. A caption that both moves and miscolours cells counts as `colour`."""
+        if "scene" not in example.meta:
+            return None
+        truth = [list(r) for r in example.meta["scene"]]
+        said = scene_from_caption(caption) if caption is not None else None
+        if said == truth:
+            return None
+        if said is None or len(said) != len(truth) or len(said[0]) != len(truth[0]):
+            return "unreadable"
+        same_counts = Counter(c for r in said for c in r) == Counter(c for r in truth for c in r)
+        return "layout" if same_counts else "colour"
 
     def groups(self, example: Example) -> list[str]:
         """Its question type and its grid size ("3x3")."""

@@ -112,6 +112,8 @@ class PipelineEvalSettings(Section):
     """Sequences per generate call."""
     backend: Literal["native", "hf"] = "native"
     """The rollout backend that samples the evaluations (as rollout.backend)."""
+    probe_limit: int = Field(200, gt=0)
+    """Test references the ALIGN stages' discriminators are probed on (`Pipeline.probe`)."""
 
 
 class PipelineConfig(Section):
@@ -377,7 +379,41 @@ class Pipeline:
                                 max_new_tokens=e.max_new_tokens, chunk_size=e.chunk_size,
                                 reference=[ex.response for ex in test], embed_model=embed, task=self.task,
                                 backend=e.backend)
-        cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+        _write_json(cache, {"key": key, "result": result})
+        return result
+
+    def probe(self, stage: Stage, ckpt: Path) -> dict | None:
+        """An ALIGN stage's trained discriminator against negatives that differ from the test references only
+        in the caption, one kind at a time (the task's optional `caption_negatives`; grids: `layout`, the rows
+        flipped with every colour count kept, and `colour`, one cell recoloured): per kind and expert, the
+        fraction of pairs whose sections differ where the reference scores higher (`pairwise_accuracy`; an
+        expert that sees no difference, like the reasoning expert on a caption-only change, has none). It
+        tells whether a discriminator can see a drift at all, whatever the policy learned from it. None for
+        other stages or a task without negatives."""
+        negatives_of = getattr(self.task, "caption_negatives", None)
+        if negatives_of is None or not isinstance(stage.cfg, AlignConfig):
+            return None
+        cache = ckpt / "pipeline-probe.json"
+        key = {"task": self.cfg.task, "limit": self.cfg.eval.probe_limit}
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached["result"]
+        from prism.align.game import DISC_DIR, build_discriminator
+        from prism.align.warmup import pairwise_accuracy
+
+        disc = build_discriminator(stage.cfg, ckpt / DISC_DIR)
+        test = load_examples(self.data / "test.jsonl", limit=self.cfg.eval.probe_limit)
+        negatives = [negatives_of(ex.response, ex) if ex.response else {} for ex in test]
+        result: dict[str, float] = {}
+        for kind in dict.fromkeys(k for n in negatives for k in n):
+            pairs = [(ex, n[kind]) for ex, n in zip(test, negatives) if kind in n]
+            acc = pairwise_accuracy(disc, [ex for ex, _ in pairs], [ex.response for ex, _ in pairs],
+                                    [n for _, n in pairs])
+            for name, value in acc.items():
+                if not (name.endswith("_pairs") or value != value):  # nan: the expert saw no difference
+                    result[f"{kind}/{name}"] = value
+        _write_json(cache, {"key": key, "result": result})
         return result
 
     # ------------------------------------------------------------------------------ the run
@@ -385,7 +421,9 @@ class Pipeline:
     def run_stage(self, stage: Stage) -> dict:
         """Train (or reuse) one stage and evaluate it: its evaluation, curves, seconds, whether trained now."""
         ckpt = self._train(stage)
-        return {"eval": self.evaluate(ckpt, stage.seed),
+        result = self.evaluate(ckpt, stage.seed)
+        probe = self.probe(stage, ckpt)
+        return {"eval": {**result, "probe": probe} if probe else result,
                 "curves": read_curves(ckpt.parent, stage.curves) if stage.curves else None,
                 "seconds": self.timings.get(stage.name), "trained": stage.name in self.trained}
 
@@ -445,10 +483,17 @@ class Pipeline:
             "trained": self.trained,
             "machine": machine(),
         }
-        (self.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(self.work / "results.json", results)
         results["plots"] = make_plots(results, self.work / "plots")
-        (self.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_json(self.work / "results.json", results)
         return results
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """`path` holds all of `value` or what it held before, never part of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 _WORKER: dict[str, Pipeline] = {}

@@ -81,6 +81,37 @@ def align_discriminator(align_rows: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def align_experts(rows: list[dict], path: Path, window: int = 10) -> str:
+    """One ALIGN run's metrics.jsonl rows: per expert, the score gap and the pairwise accuracy over steps
+    (thin: every step; thick: the mean of the last `window` steps), and the rollouts' caption match and
+    answer accuracy."""
+    import matplotlib.pyplot as plt
+
+    def smooth(values: list[float]) -> list[float]:
+        return [statistics.fmean(values[max(0, i + 1 - window): i + 1]) for i in range(len(values))]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = ((axes[0], ("disc/perception/gap", "disc/reasoning/gap"), "teacher − policy score", "Score gap per expert"),
+              (axes[1], ("disc/perception/acc", "disc/reasoning/acc"), "pairwise accuracy", "Discriminator accuracy"),
+              (axes[2], ("rollout/caption_match", "rollout/accuracy"), "fraction of rollouts", "Policy rollouts"))
+    for ax, keys, ylabel, title in panels:
+        for i, key in enumerate(keys):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, color=f"C{i}", lw=0.5, alpha=0.4)
+            ax.plot(steps, smooth(list(values)), color=f"C{i}", lw=2, label=key.split("/", 1)[1])
+        ax.set_xlabel("ALIGN step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[1].axhline(0.5, color="gray", lw=0.5)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def rl_reward(rl_rows: dict, path: Path) -> str:
     import matplotlib.pyplot as plt
 

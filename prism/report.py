@@ -2,12 +2,15 @@
 
     prism-pipeline report --results runs/pipeline-full/results.json --out docs/results.md \\
         --command "prism-pipeline --config configs/demo/pipeline.yaml --full workdir=runs/pipeline-full" \\
-        [--memory memory.json] [--gpu gpu-a.json gpu-b.json ...]
+        [--memory memory.json] [--gpu gpu-a.json gpu-b.json ...] \\
+        [--align-run runs/align-long --align-command "prism-align --config ..."]
 
-The page has the command, versions and machine, the tables (greedy and sampled accuracy per stage and
-question type with the error split, drift, ablations), the plots (copied next to the page), and a plain
-reading of the numbers, computed from them: which rows beat which, by how much relative to the
-seed-to-seed spread, including where PRISM does not beat SFT→X.
+The page has the command, versions and machine, how the settings were chosen, the tables (greedy and
+sampled accuracy per stage and question type with the caption errors of each drift and the error split,
+drift from the references), the plots (copied next to the page), the paired comparisons (per-seed
+differences with bootstrap intervals and their verdicts: answer accuracy, the two drifts' caption errors,
+the error split), the ALIGN discriminators on caption-only negatives, optionally one longer ALIGN run per
+expert, and a plain reading of the numbers computed from them, including where PRISM does not beat SFT→X.
 """
 
 from __future__ import annotations
@@ -16,19 +19,22 @@ import argparse
 import json
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-ERROR_KEYS = ("caption_match", "error/format", "error/perception", "error/reasoning")
+ERROR_KEYS = ("caption_match", "caption_error/colour", "caption_error/layout", "error/format", "error/perception",
+              "error/reasoning")
 
 
 def summarise(rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
-    """row -> metric -> [mean, std over seeds, n seeds] for greedy and sampled metrics and drift."""
+    """row -> metric -> [mean, std over seeds, n seeds] for greedy and sampled metrics, drift and the
+    discriminator probe (ALIGN rows)."""
     out: dict[str, dict[str, list[float]]] = {}
     for row, by_seed in rows.items():
         values: dict[str, list[float]] = {}
         for result in by_seed.values():
-            for group in ("greedy", "sampled", "drift"):
+            for group in ("greedy", "sampled", "drift", "probe"):
                 for k, v in result.get(group, {}).items():
                     if k != "n":
                         values.setdefault(f"{group}/{k}", []).append(v)
@@ -45,8 +51,9 @@ def format_table(summary: dict, group: str = "greedy", markdown: bool = False,
         groups = sorted({k.split("/", 2)[2] for m in summary.values() for k in m if k.startswith(f"{group}/acc/")})
     keys = ("accuracy", *(f"acc/{g}" for g in groups), *ERROR_KEYS)
     cols = [k for k in keys if any(f"{group}/{k}" in m for m in summary.values())]
-    names = {"accuracy": "avg", "caption_match": "perception ok", "error/format": "err fmt",
-             "error/perception": "err perc", "error/reasoning": "err reas"}
+    names = {"accuracy": "avg", "caption_match": "perception ok", "caption_error/colour": "colour cap err",
+             "caption_error/layout": "layout cap err", "error/format": "err fmt", "error/perception": "err perc",
+             "error/reasoning": "err reas"}
     header = ["", *[names.get(c, c.split("/")[-1]) for c in cols]]
 
     def cell(m, c):
@@ -63,45 +70,40 @@ def format_table(summary: dict, group: str = "greedy", markdown: bool = False,
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [header, *body])
 
 
-def _acc(summary: dict, row: str, group: str = "greedy") -> tuple[float, float, int] | None:
-    v = summary.get(row, {}).get(f"{group}/accuracy")
-    return tuple(v) if v else None
-
-
 def reading(results: dict) -> list[str]:
-    """Plain sentences comparing rows, derived from the numbers (never written by hand)."""
+    """Plain sentences comparing rows, derived from the numbers (never written by hand): per comparison, the
+    paired difference of answer accuracy (greedy, sampled) and of the two drifts' caption errors, each with
+    what its interval says (`paired_stat`); the discriminators on caption-only negatives; the error split
+    of SFT and PRISM."""
     s = results["summary"]
-    algos = results["config"]["algos"]
     lines = []
 
-    def cmp(a: str, b: str, group: str) -> str | None:
-        x, y = _acc(s, a, group), _acc(s, b, group)
-        if not x or not y:
+    def said(b: str, a: str, m: Measure) -> str | None:
+        stat = paired_stat(results, b, a, m)
+        if stat is None:
             return None
-        diff = 100 * (x[0] - y[0])
-        noise = 100 * max(x[1], y[1])
-        verdict = ("within the seed-to-seed spread" if abs(diff) <= noise and x[2] > 1 else
-                   "better" if diff > 0 else "worse")
-        spread = f" (largest std over seeds {noise:.1f} points)" if x[2] > 1 else " (one seed: no spread measured)"
-        return (f"{a} vs {b} ({group}): {100 * x[0]:.1f}% vs {100 * y[0]:.1f}%, {diff:+.1f} points — "
-                f"{verdict}{spread}.")
+        mean, low, high, n, word = stat
+        values = " vs ".join(f"{100 * s[row][f'{m.group}/{m.key}'][0]:.1f}%" for row in (b, a))
+        interval = f"[{low:+.1f}, {high:+.1f}]" if n > 1 else "(one seed)"
+        return f"{m.title} {values}, {mean:+.1f} {interval} **{word}**"
 
-    for group in ("greedy", "sampled"):
-        for line in (cmp("PRISM", "SFT", group), *(cmp(f"PRISM+{x}", f"SFT→{x}", group) for x in algos),
-                     *(cmp(f"SFT→{x}", "SFT", group) for x in algos)):
-            if line:
-                lines.append(line)
+    pairs = [*comparisons(results),
+             *((f"SFT→{x}", "SFT") for x in results["config"]["algos"] if f"SFT→{x}" in results["rows"])]
+    for b, a in pairs:
+        parts = [p for p in (said(b, a, m) for m in (*ACCURACY, *DRIFTS[:2])) if p]
+        if parts:
+            lines.append(f"{b} vs {a} (paired difference in points, 95% interval): " + "; ".join(parts) + ".")
+    for b, a in [(row, "PRISM") for row in results["rows"] if row.startswith("PRISM[")]:
+        parts = [p for p in (said(b, a, m) for m in PROBE) if p]
+        if parts:
+            lines.append(f"Discriminators, {b} vs {a}, pairwise accuracy on caption-only negatives: "
+                         + "; ".join(parts) + ".")
     for row in ("SFT", "PRISM"):
         m = s.get(row, {})
         if "greedy/error/perception" in m:
             lines.append(f"{row} errors (greedy): perception {100 * m['greedy/error/perception'][0]:.1f}%, "
                          f"reasoning {100 * m['greedy/error/reasoning'][0]:.1f}%, "
                          f"format {100 * m['greedy/error/format'][0]:.1f}% of test questions.")
-    for row in s:
-        if row.startswith("PRISM[") and _acc(s, "PRISM"):
-            line = cmp(row, "PRISM", "greedy")
-            if line:
-                lines.append(line)
     return lines
 
 
@@ -113,30 +115,122 @@ def comparisons(results: dict) -> list[tuple[str, str]]:
     return [(b, a) for b, a in pairs if b in rows and a in rows]
 
 
-def paired(results: dict, level: float = 0.95) -> list[str]:
-    """A markdown table of per-seed differences B − A of test accuracy (points), each seed's B and A
-    sharing its SFT checkpoint, with the percentile-bootstrap interval of their mean and its verdict
-    (prism.eval.stats), greedy and sampled."""
+@dataclass(frozen=True)
+class Measure:
+    """One metric compared B − A: `group` (greedy / sampled / probe) and `key` of a stage's evaluation,
+    in points (x100); `higher` says which direction is better (accuracy: up; an error rate: down)."""
+
+    title: str
+    group: str
+    key: str
+    higher: bool = True
+
+
+ACCURACY = (Measure("greedy", "greedy", "accuracy"), Measure("sampled", "sampled", "accuracy"))
+DRIFTS = (Measure("colour-caption errors", "greedy", "caption_error/colour", higher=False),
+          Measure("layout-caption errors", "greedy", "caption_error/layout", higher=False),
+          Measure("row_count accuracy", "greedy", "acc/row_count"))
+PROBE = (Measure("perception expert, layout negatives", "probe", "layout/perception"),
+         Measure("perception expert, colour negatives", "probe", "colour/perception"))
+ERROR_SPLIT = (Measure("perception errors", "greedy", "error/perception", higher=False),
+               Measure("reasoning errors", "greedy", "error/reasoning", higher=False))
+
+
+def paired_stat(results: dict, b: str, a: str, m: Measure, level: float = 0.95
+                ) -> tuple[float, float, float, int, str] | None:
+    """(mean, low, high, seeds, verdict) of the per-seed differences B − A of `m` in points, each seed's B
+    and A sharing its SFT checkpoint and test questions: the percentile-bootstrap `level` interval of their
+    mean and what it says (prism.eval.stats; for a lower-is-better `m`, "better" means the interval is below
+    0). None when no seed has the metric in both rows."""
     from prism.eval.stats import bootstrap_interval, paired_differences, verdict
 
-    lines = [f"| comparison (B − A) | seeds | greedy: mean [{100 * level:.0f}% interval] | | "
-             f"sampled: mean [{100 * level:.0f}% interval] | |", "|---|---|---|---|---|---|"]
-    for b, a in comparisons(results):
-        cells = []
-        for group in ("greedy", "sampled"):
-            acc = {name: {int(seed): 100 * r[group]["accuracy"] for seed, r in results["rows"][name].items()
-                          if "accuracy" in r.get(group, {})} for name in (b, a)}
-            try:
-                diffs = paired_differences(acc[a], acc[b])
-            except ValueError:
+    values = {name: {int(seed): 100 * r[m.group][m.key] for seed, r in results["rows"][name].items()
+                     if m.key in r.get(m.group, {})} for name in (b, a)}
+    try:
+        diffs = paired_differences(values[a], values[b])
+    except ValueError:
+        return None
+    mean, low, high = bootstrap_interval(diffs, level)
+    if len(diffs) < 2:
+        return mean, low, high, 1, "one seed: no interval"
+    return mean, low, high, len(diffs), verdict(low, high) if m.higher else verdict(-high, -low)
+
+
+def paired(results: dict, measures: Sequence[Measure] = ACCURACY, level: float = 0.95,
+           pairs: Sequence[tuple[str, str]] | None = None) -> list[str]:
+    """A markdown table of `paired_stat` per comparison (rows; default `comparisons`) and measure
+    (columns: mean [interval] and verdict)."""
+    head = "| comparison (B − A) | seeds | " + " | ".join(
+        f"{m.title}: mean [{100 * level:.0f}% interval] | " for m in measures) + "|"
+    lines = [head, "|---|---|" + "---|---|" * len(measures)]
+    for b, a in comparisons(results) if pairs is None else pairs:
+        cells, n = [], 0
+        for m in measures:
+            stat = paired_stat(results, b, a, m, level)
+            if stat is None:
                 cells += ["—", ""]
                 continue
-            mean, low, high = bootstrap_interval(diffs, level)
-            cells += [f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]",
-                      verdict(low, high) if len(diffs) > 1 else "one seed: no interval"]
-        n = len(set(results["rows"][a]) & set(results["rows"][b]))
+            mean, low, high, n_seeds, word = stat
+            n = max(n, n_seeds)
+            cells += [f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]", word]
         lines.append(f"| {b} − {a} | {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def probe_section(results: dict) -> list[str]:
+    """The ALIGN rows' discriminators on caption-only negatives (`Pipeline.probe`): mean ± std over seeds
+    per row and kind, and each ablation paired against PRISM. [] when no row was probed."""
+    s = results["summary"]
+    rows = [r for r in s if any(k.startswith("probe/") for k in s[r])]
+    if not rows:
+        return []
+    keys = sorted({k for r in rows for k in s[r] if k.startswith("probe/")})
+    lines = ["## The discriminators on caption-only negatives", "",
+             "After ALIGN, each row's discriminator scores the test references against the same references with "
+             "only the caption made wrong: `layout` (rows listed bottom-up, every colour count kept) or `colour` "
+             "(one cell recoloured). The number is the pairwise accuracy (% of pairs where the reference scores "
+             "higher; 50 is chance) of each expert that sees the change. A text-only perception expert reads the "
+             "caption without the image, so on layout negatives it has nothing to go on.", "",
+             "| row | " + " | ".join(k.split("/", 1)[1].replace("/", ": ") for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(
+            (f"{100 * s[r][k][0]:.1f}" + (f" ± {100 * s[r][k][1]:.1f}" if s[r][k][2] > 1 else "")) if k in s[r]
+            else "—" for k in keys) + " |")
+    ablations = [(r, "PRISM") for r in rows if r.startswith("PRISM[") and "PRISM" in rows]
+    if ablations:
+        lines += ["", *paired(results, PROBE, pairs=ablations)]
+    return lines + [""]
+
+
+def long_align_section(run_dir: Path, command: str, plot_rel: str, window: int = 25) -> list[str]:
+    """A longer ALIGN run's per-expert picture: its plot, and each expert's score gap and pairwise
+    accuracy, the rollouts' caption match and answer accuracy, averaged over the first, middle and last
+    `window` steps of its metrics.jsonl."""
+    from prism.tracking import metric_rows
+
+    rows = [r for r in metric_rows(run_dir) if "disc/perception/gap" in r]
+    if not rows:
+        return []
+    n = len(rows)
+    spans = {"first": rows[:window], "middle": rows[max(0, n // 2 - window // 2): n // 2 + (window + 1) // 2],
+             "last": rows[-window:]}
+    keys = {"perception gap": "disc/perception/gap", "reasoning gap": "disc/reasoning/gap",
+            "perception acc": "disc/perception/acc", "reasoning acc": "disc/reasoning/acc",
+            "rollout caption match": "rollout/caption_match", "rollout answer acc": "rollout/accuracy"}
+    lines = ["## Perception and reasoning over a longer ALIGN run", "",
+             f"One seed, {rows[-1]['step']} ALIGN steps from that seed's SFT checkpoint, otherwise the PRISM row's "
+             "settings:", "", f"```bash\n{command}\n```", "", f"![align_experts]({plot_rel})", "",
+             f"Means over steps (windows of {window}): gap = teacher − policy score of the expert; acc = its "
+             "pairwise accuracy on (teacher, policy) pairs that differ in its section.", "",
+             "| steps | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, span in spans.items():
+        cells = []
+        for key in keys.values():
+            vals = [r[key] for r in span if key in r]
+            cells.append(f"{statistics.fmean(vals):.2f}" if vals else "—")
+        lines.append(f"| {name} ({span[0]['step']}–{span[-1]['step']}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def efficiency(memory: dict | None, gpu: list[dict] | None) -> list[str]:
@@ -200,9 +294,20 @@ def gpu_lines(runs: list[dict]) -> list[str]:
 
 
 def render(results: dict, plots_rel: list[str], command: str, memory: dict | None = None,
-           gpu: list[dict] | None = None) -> str:
+           gpu: list[dict] | None = None, long_align: list[str] | None = None) -> str:
+    """The page; `long_align`: the lines of `long_align_section`, when a longer ALIGN run is shown."""
     m = results["machine"]
     s = results["summary"]
+    synth = results["config"].get("synth", {})
+    drifts = "yellow captioned as blue in part of its cells"
+    if synth.get("layout_drift", "none") != "none":
+        how = {"flip_rows": "rows listed bottom-up", "swap_rows": "two rows swapped"}.get(synth["layout_drift"],
+                                                                                         synth["layout_drift"])
+        drifts += f"; {how} in {100 * synth.get('layout_rate', 0.5):.0f}% of its captions"
+    drifts += "; terse reasoning"
+    test_size = ", ".join(sorted({f"{int(r['greedy']['n'])} questions" for by_seed in results["rows"].values()
+                                  for r in by_seed.values() if "n" in r.get("greedy", {})})) or "size not recorded"
+    has_drifts = any(k.startswith("greedy/caption_error/") for row in s.values() for k in row)
     drift_rows = [r for r in s if "sampled/accuracy" in s[r] and "drift/embedding_mmd" in s[r]]
     drift = ["| | caption len W1 | think len W1 | caption tokens JS | think tokens JS | embedding MMD² |",
              "|---|---|---|---|---|---|"]
@@ -231,9 +336,13 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         f"{results['timings_s']['total'] / 60:.1f} min for the invocation that wrote results.json",
         "",
         "Model: the tiny random Qwen3-VL of `prism-tiny`, trained from scratch. Data: `prism-synth` colour grids; "
-        "SFT on the drifted public pool (yellow captioned as blue in part of its cells, terse reasoning), ALIGN "
-        "against the curated references, RL on the rl split, evaluation on the test split. Numbers are % of test "
-        "questions, mean ± std over seeds.",
+        f"SFT on the drifted public pool ({drifts}), ALIGN against the curated references, RL on the rl split, "
+        f"evaluation on the test split ({test_size}). Numbers are % of test questions, mean ± std over seeds.",
+        "",
+        "How the settings were chosen: every branch and seed trains with the same stage configs (the pipeline's "
+        f"`{cfg['sft']['config']}`, `{cfg['align']['config']}`, `{cfg['rl']['config']}`, the demo's), fixed before "
+        "any comparison on this page was run; only the branch's own setting differs (the RL algorithm, the "
+        "ablation's one switch). Nothing was tuned per branch or after looking at these numbers.",
         "",
         "## Greedy accuracy per stage",
         "",
@@ -254,12 +363,27 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         "## Paired comparisons",
         "",
         "Each seed's two rows start from that seed's SFT checkpoint and are evaluated on the same test "
-        "questions, so the comparison is the per-seed difference (points of test accuracy), its mean and "
-        "a 95% percentile-bootstrap interval over seeds: better / worse when the interval excludes 0, "
-        "else not distinguishable.",
+        "questions, so the comparison is the per-seed difference (in points), its mean and a 95% "
+        "percentile-bootstrap interval over seeds: better / worse when the interval excludes 0, else not "
+        "distinguishable. For error rates, lower is better.",
+        "",
+        "### Answer accuracy",
         "",
         *paired(results),
         "",
+        *(["### The two drifts (greedy captions)",
+           "",
+           "Colour-caption errors: the caption miscounts a colour (the colour bias, yellow seen as blue). "
+           "Layout-caption errors: every colour count right, cells misplaced (the flipped rows only the image "
+           "shows). `row_count` is the question type that a misplaced row answers wrongly.",
+           "",
+           *paired(results, DRIFTS), ""] if has_drifts else []),
+        "### Perception / reasoning error split (greedy)",
+        "",
+        *paired(results, ERROR_SPLIT),
+        "",
+        *probe_section(results),
+        *(long_align or []),
         "## Reading",
         "",
         *[f"- {line}" for line in reading(results)],
@@ -276,6 +400,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--command", default="prism-pipeline --config configs/demo/pipeline.yaml --full")
     p.add_argument("--memory", help="JSON of benchmarks/memory_report.py --out")
     p.add_argument("--gpu", nargs="+", help="JSON files of benchmarks/gpu_throughput.py --out (one per set-up)")
+    p.add_argument("--align-run", help="a longer ALIGN run's output directory, shown per expert (its metrics.jsonl)")
+    p.add_argument("--align-command", default="prism-align --config ...", help="the command that made --align-run")
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
     memory = json.loads(Path(a.memory).read_text()) if a.memory else None
@@ -287,7 +413,17 @@ def main(argv: list[str] | None = None) -> str:
         dest = out.parent / "plots" / Path(plot).name
         shutil.copy2(plot, dest)
         rel.append(f"plots/{dest.name}")
-    text = render(results, rel, a.command, memory, gpu)
+    long_align = None
+    if a.align_run:
+        import matplotlib
+
+        from prism.plots import align_experts
+        from prism.tracking import metric_rows
+
+        matplotlib.use("Agg")
+        plot = align_experts(metric_rows(Path(a.align_run)), out.parent / "plots" / "align_experts.png")
+        long_align = long_align_section(Path(a.align_run), a.align_command, f"plots/{Path(plot).name}")
+    text = render(results, rel, a.command, memory, gpu, long_align)
     out.write_text(text)
     print(f"wrote {out}")
     return text

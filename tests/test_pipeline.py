@@ -52,6 +52,14 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
     for row in results["rows"].values():
         r = row["0"]
         assert {"greedy", "sampled", "drift"} <= set(r) and "error/perception" in r["greedy"]
+        wrong = sum(v for k, v in r["greedy"].items() if k.startswith("caption_error/"))  # by kind
+        assert abs(wrong - (1 - r["greedy"]["caption_match"])) < 1e-9
+    # the ALIGN row's discriminator is probed with caption-only negatives of each kind; only the
+    # perception expert sees a caption change (the reasoning expert has no pair that differs)
+    probe = results["rows"]["PRISM"]["0"]["probe"]
+    assert set(probe) == {"layout/perception", "colour/perception"} and all(0 <= v <= 1 for v in probe.values())
+    assert all("probe" not in results["rows"][row]["0"] for row in ("SFT", "SFT→grpo", "PRISM+grpo"))
+    assert results["summary"]["PRISM"]["probe/layout/perception"][0] == probe["layout/perception"]
     work = tmp_path / "work"
     assert json.loads((work / "results.json").read_text())["summary"]["SFT"]["greedy/accuracy"][2] == 1
     for png in results["plots"]:

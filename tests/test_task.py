@@ -122,6 +122,22 @@ def test_the_grid_task_names_the_kind_of_a_caption_error_and_evaluation_splits_c
     assert not any(k.startswith("caption_error/") for k in score_responses([_ex("1", letter="a")], [_resp("b", "t", "1")], LETTERS))
 
 
+def test_the_grid_tasks_caption_negatives_change_only_the_caption_each_in_its_one_way():
+    scene = [["red", "blue"], ["yellow", "yellow"]]
+    ex = _ex("1", scene=scene, question_type="count", params={"color": "red"}, grid=2, id="test-000001")
+    ref = _resp("row 1: red blue; row 2: yellow yellow", "Count each colour: red one.", "1")
+    neg = TASK.caption_negatives(ref, ex)
+    assert neg["layout"] == _resp("row 1: yellow yellow; row 2: red blue", "Count each colour: red one.", "1")
+    assert TASK.caption_error_kind(parse_response(neg["layout"]).caption, ex) == "layout"
+    colour = parse_response(neg["colour"])
+    assert TASK.caption_error_kind(colour.caption, ex) == "colour"
+    assert (colour.think, colour.answer) == ("Count each colour: red one.", "1")
+    assert TASK.caption_negatives(ref, ex) == neg  # seeded by the example's id
+    same = _resp("row 1: red blue; row 2: red blue", "t", "2")  # reads the same bottom-up: no layout negative
+    assert set(TASK.caption_negatives(same, ex)) == {"colour"}
+    assert TASK.caption_negatives(_resp("a cat", "t", "1"), ex) == {}
+
+
 def test_the_grid_task_rejects_bad_data_settings_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match="synth: .*bias_rate"):
         TASK.make_data(tmp_path / "d", {"n": 8, "bias_rate": 2.0})

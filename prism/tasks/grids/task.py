@@ -15,10 +15,12 @@ from prism.tasks.grids.generator import (
     NUMBER_WORDS,
     QUESTION_TYPES,
     SynthConfig,
+    caption_for_scene,
     caption_matches_scene,
     generate,
     scene_from_caption,
 )
+from prism.core.response import parse_response
 
 _COLOUR = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
@@ -49,6 +51,28 @@ class GridTask:
             return "unreadable"
         same_counts = Counter(c for r in said for c in r) == Counter(c for r in truth for c in r)
         return "layout" if same_counts else "colour"
+
+    def caption_negatives(self, response: str, example: Example) -> dict[str, str]:
+        """`response` with only its caption made wrong, one way per kind of `caption_error_kind`: `layout`
+        (its rows listed bottom-up: every colour count kept, so only the image shows it; absent when the
+        rows read the same both ways) and `colour` (one cell's colour changed, seeded by the example's id
+        or source).
+        Think and answer are left as they are, so only the perception expert has anything to see. {} when
+        the caption is not a grid."""
+        parsed = parse_response(response)
+        said = scene_from_caption(parsed.caption) if parsed.caption is not None else None
+        if said is None:
+            return {}
+        out = {}
+
+        def with_caption(caption: str) -> str:
+            return response.replace(f"<caption>{parsed.caption}</caption>", f"<caption>{caption}</caption>", 1)
+
+        if said[::-1] != said:
+            out["layout"] = with_caption(caption_for_scene(said[::-1]))
+        rng = random.Random(str(example.meta.get("id", example.source)))
+        out["colour"] = with_caption(self._corrupt_caption(parsed.caption, rng))
+        return out
 
     def groups(self, example: Example) -> list[str]:
         """Its question type and its grid size ("3x3")."""

@@ -188,6 +188,10 @@ def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = 
     return cfg
 
 
+EVAL_VERSION = 2
+"""Part of a cached evaluation's key: raised when what evaluation measures changes (2: the caption errors
+by drift), so that an evaluation an older prism cached is made again rather than read back without them."""
+
 MADE_WITH = "pipeline-made-with.json"
 """Beside the data and the tiny model the pipeline makes: the settings they were made with."""
 
@@ -366,7 +370,7 @@ class Pipeline:
         e = self.cfg.eval
         cache = ckpt / "pipeline-eval.json"
         key = {"task": self.cfg.task, "limit": e.limit, "samples": e.samples, "temperature": e.temperature,
-               "max_new_tokens": e.max_new_tokens, "seed": seed, "backend": e.backend}
+               "max_new_tokens": e.max_new_tokens, "seed": seed, "backend": e.backend, "metrics": EVAL_VERSION}
         if cache.is_file():
             cached = json.loads(cache.read_text())
             if cached.get("key") == key:

@@ -373,9 +373,11 @@ def render(results: dict, plots_rel: list[str], command: str, memory: dict | Non
         "",
         *(["### The two drifts (greedy captions)",
            "",
-           "Colour-caption errors: the caption miscounts a colour (the colour bias, yellow seen as blue). "
-           "Layout-caption errors: every colour count right, cells misplaced (the flipped rows only the image "
-           "shows). `row_count` is the question type that a misplaced row answers wrongly.",
+           "Each drift measured on its own (a caption can have both): colour-caption errors, % of captions "
+           "with a colour count wrong (the colour bias, yellow seen as blue); layout-caption errors, % with "
+           "cells misplaced (rows out of order, as in the flipped public captions only the image shows, or "
+           "every count right and still wrong). `row_count` is the question type a misplaced row answers "
+           "wrongly.",
            "",
            *paired(results, DRIFTS), ""] if has_drifts else []),
         "### Perception / reasoning error split (greedy)",

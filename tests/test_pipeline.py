@@ -52,8 +52,9 @@ def test_pipeline_end_to_end_then_reuses_every_stage(tmp_path, tiny_model_dir):
     for row in results["rows"].values():
         r = row["0"]
         assert {"greedy", "sampled", "drift"} <= set(r) and "error/perception" in r["greedy"]
-        wrong = sum(v for k, v in r["greedy"].items() if k.startswith("caption_error/"))  # by kind
-        assert abs(wrong - (1 - r["greedy"]["caption_match"])) < 1e-9
+        kinds = {k: v for k, v in r["greedy"].items() if k.startswith("caption_error/")}  # what is wrong, by drift
+        assert r["greedy"]["caption_match"] == 1 or kinds
+        assert all(0 < v <= 1 - r["greedy"]["caption_match"] + 1e-9 for v in kinds.values())
     # the ALIGN row's discriminator is probed with caption-only negatives of each kind; only the
     # perception expert sees a caption change (the reasoning expert has no pair that differs)
     probe = results["rows"]["PRISM"]["0"]["probe"]

@@ -99,25 +99,26 @@ def test_the_grid_task_checks_captions_against_the_scene():
     assert TASK.groups(ex) == ["count", "2x2"]
 
 
-def test_the_grid_task_names_the_kind_of_a_caption_error_and_evaluation_splits_captions_by_it():
+def test_the_grid_task_names_each_drift_in_a_caption_and_evaluation_counts_captions_by_it():
     scene = [["red", "blue"], ["yellow", "yellow"]]
     ex = _ex("1", scene=scene, question_type="row_count", params={"color": "red", "row": 1}, grid=2)
-    kind = TASK.caption_error_kind
-    assert kind("row 1: red blue; row 2: yellow yellow", ex) is None  # right
-    assert kind("row 1: yellow yellow; row 2: red blue", ex) == "layout"  # rows flipped, every count kept
-    assert kind("row 1: blue red; row 2: yellow yellow", ex) == "layout"  # moved within a row
-    assert kind("row 1: red blue; row 2: blue yellow", ex) == "colour"  # yellow seen as blue
-    assert kind("row 1: yellow blue; row 2: yellow yellow", ex) == "colour"
-    assert kind("row 1: yellow yellow; row 2: blue blue", ex) == "colour"  # moved and miscoloured
-    assert kind("row 1: red blue", ex) == "unreadable" and kind(None, ex) == "unreadable"
-    assert kind("row 1: red; row 2: blue", ex) == "unreadable"  # wrong shape
-    assert kind("row 1: red blue", _ex("1")) is None  # no scene
+    errors = TASK.caption_errors
+    assert errors("row 1: red blue; row 2: yellow yellow", ex) == []  # right
+    assert errors("row 1: yellow yellow; row 2: red blue", ex) == ["layout"]  # rows flipped, every count kept
+    assert errors("row 1: blue red; row 2: yellow yellow", ex) == ["layout"]  # moved within a row
+    assert errors("row 1: red blue; row 2: blue yellow", ex) == ["colour"]  # a yellow seen as blue
+    assert errors("row 1: yellow blue; row 2: yellow yellow", ex) == ["colour"]
+    # flipped and miscoloured: swapping the rows back matches 3 cells, as written 0
+    assert errors("row 1: yellow yellow; row 2: blue blue", ex) == ["colour", "layout"]
+    assert errors("row 1: red blue", ex) == ["unreadable"] and errors(None, ex) == ["unreadable"]
+    assert errors("row 1: red; row 2: blue", ex) == ["unreadable"]  # wrong shape
+    assert errors("row 1: red blue", _ex("1")) is None  # no scene
 
     captions = ["row 1: red blue; row 2: yellow yellow", "row 1: yellow yellow; row 2: red blue",
-                "row 1: red blue; row 2: blue yellow", "nonsense"]
-    m = score_responses([ex] * 4, [_resp(c, "t", "1") for c in captions], TASK)
-    assert m["caption_match"] == 0.25
-    assert (m["caption_error/layout"], m["caption_error/colour"], m["caption_error/unreadable"]) == (0.25, 0.25, 0.25)
+                "row 1: red blue; row 2: blue yellow", "row 1: yellow yellow; row 2: blue blue", "nonsense"]
+    m = score_responses([ex] * 5, [_resp(c, "t", "1") for c in captions], TASK)
+    assert m["caption_match"] == 0.2
+    assert (m["caption_error/layout"], m["caption_error/colour"], m["caption_error/unreadable"]) == (0.4, 0.4, 0.2)
     assert "caption_error/layout" not in score_responses([ex], [_resp(captions[0], "t", "1")], TASK)
     assert not any(k.startswith("caption_error/") for k in score_responses([_ex("1", letter="a")], [_resp("b", "t", "1")], LETTERS))
 
@@ -128,9 +129,9 @@ def test_the_grid_tasks_caption_negatives_change_only_the_caption_each_in_its_on
     ref = _resp("row 1: red blue; row 2: yellow yellow", "Count each colour: red one.", "1")
     neg = TASK.caption_negatives(ref, ex)
     assert neg["layout"] == _resp("row 1: yellow yellow; row 2: red blue", "Count each colour: red one.", "1")
-    assert TASK.caption_error_kind(parse_response(neg["layout"]).caption, ex) == "layout"
+    assert TASK.caption_errors(parse_response(neg["layout"]).caption, ex) == ["layout"]
     colour = parse_response(neg["colour"])
-    assert TASK.caption_error_kind(colour.caption, ex) == "colour"
+    assert TASK.caption_errors(colour.caption, ex) == ["colour"]
     assert (colour.think, colour.answer) == ("Count each colour: red one.", "1")
     assert TASK.caption_negatives(ref, ex) == neg  # seeded by the example's id
     same = _resp("row 1: red blue; row 2: red blue", "t", "2")  # reads the same bottom-up: no layout negative

@@ -16,9 +16,9 @@ Error split (fractions of all responses; with `accuracy` they sum to 1):
     error/reasoning    wrong answer, valid, caption matches the scene
 (without a task, or on examples it has no ground truth for, a valid wrong answer counts as reasoning.)
 
-With a task that names the kind of a wrong caption (optional `caption_error_kind`, `prism.core.task`),
-`caption_error/<kind>` is the fraction of checked captions wrong in that way (with `caption_match` they
-sum to 1), whatever the answer.
+With a task that names what is wrong with a caption (optional `caption_errors`, `prism.core.task`),
+`caption_error/<kind>` is the fraction of checked captions with that kind of error, whatever the answer
+(a caption can have several: the grids task's `colour` and `layout` are measured each on its own).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str], task:
         return {}
     counts: dict[str, float] = defaultdict(float)
     per_type: dict[str, list[bool]] = defaultdict(list)
-    error_kind = getattr(task, "caption_error_kind", None)
+    caption_errors = getattr(task, "caption_errors", None)
     for ex, text in zip(examples, responses):
         parsed = parse_response(text)
         valid = answer_format_valid(text, answer_format)
@@ -89,8 +89,7 @@ def score_responses(examples: Sequence[Example], responses: Sequence[str], task:
             counts["caption_checked"] += 1
             counts["caption_ok"] += seen_right
             counts["correct_given_caption_ok"] += seen_right and correct
-            kind = error_kind(parsed.caption, ex) if error_kind is not None and not seen_right else None
-            if kind is not None:
+            for kind in (caption_errors(parsed.caption, ex) or []) if caption_errors and not seen_right else ():
                 counts[f"caption_kind/{kind}"] += 1
         if not correct:
             kind = "format" if not valid else "perception" if seen_right is False else "reasoning"

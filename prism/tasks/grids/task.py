@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from itertools import permutations
 from pathlib import Path
 
 from prism.align.warmup import corrupt_caption, corrupt_response, corrupt_think, swap_one
@@ -35,25 +36,33 @@ class GridTask:
             return None
         return caption is not None and caption_matches_scene(caption, example.meta["scene"])
 
-    def caption_error_kind(self, caption: str | None, example: Example) -> str | None:
-        """What is wrong with a caption that does not match the scene: `layout` (a grid of the right shape
-        and the right count of every colour, cells misplaced: the drift only the image shows), `colour`
-        (a grid of the right shape, some colour counts wrong: the colour bias, or any miscoloured cell),
-        or `unreadable` (no caption, not a grid, or the wrong shape); None when it matches or the example
-        has no scene. A caption that both moves and miscolours cells counts as `colour`."""
+    def caption_errors(self, caption: str | None, example: Example) -> list[str] | None:
+        """What is wrong with a caption, each drift on its own: `colour` (a grid of the right shape with some
+        colour count wrong: the colour bias, or any miscoloured cell), `layout` (cells misplaced: every count
+        right but the caption still wrong, or its rows in the wrong order, some reordering of them matching
+        the scene in more cells whatever the colours: the drift only the image shows), both, or `unreadable` (no caption, not a grid, or the wrong shape). [] when it
+        matches; None when the example has no scene."""
         if "scene" not in example.meta:
             return None
         truth = [list(r) for r in example.meta["scene"]]
         said = scene_from_caption(caption) if caption is not None else None
         if said == truth:
-            return None
+            return []
         if said is None or len(said) != len(truth) or len(said[0]) != len(truth[0]):
-            return "unreadable"
-        same_counts = Counter(c for r in said for c in r) == Counter(c for r in truth for c in r)
-        return "layout" if same_counts else "colour"
+            return ["unreadable"]
+        errors = []
+        if Counter(c for r in said for c in r) != Counter(c for r in truth for c in r):
+            errors.append("colour")
+
+        def agree(rows) -> int:
+            return sum(a == b for row, true_row in zip(rows, truth) for a, b in zip(row, true_row))
+
+        if not errors or max(agree(order) for order in permutations(said)) > agree(said):
+            errors.append("layout")  # every count right yet wrong: cells moved; or the rows out of order
+        return errors
 
     def caption_negatives(self, response: str, example: Example) -> dict[str, str]:
-        """`response` with only its caption made wrong, one way per kind of `caption_error_kind`: `layout`
+        """`response` with only its caption made wrong, one way per drift of `caption_errors`: `layout`
         (its rows listed bottom-up: every colour count kept, so only the image shows it; absent when the
         rows read the same both ways) and `colour` (one cell's colour changed, seeded by the example's id
         or source).

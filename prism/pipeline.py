@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -415,7 +416,7 @@ class Pipeline:
             acc = pairwise_accuracy(disc, [ex for ex, _ in pairs], [ex.response for ex, _ in pairs],
                                     [n for _, n in pairs])
             for name, value in acc.items():
-                if not (name.endswith("_pairs") or value != value):  # nan: the expert saw no difference
+                if not (name.endswith("_pairs") or math.isnan(value)):  # nan: the expert saw no difference
                     result[f"{kind}/{name}"] = value
         _write_json(cache, {"key": key, "result": result})
         return result

@@ -83,8 +83,8 @@ def align_discriminator(align_rows: dict, path: Path) -> str:
 
 def align_experts(rows: list[dict], path: Path, window: int = 10) -> str:
     """One ALIGN run's metrics.jsonl rows: per expert, the score gap and the pairwise accuracy over steps
-    (thin: every step; thick: the mean of the last `window` steps), and the rollouts' caption match and
-    answer accuracy."""
+    (thin: every step; thick: the mean of the last `window` steps), and the rollouts' caption match,
+    answer accuracy and caption errors per drift (when logged)."""
     import matplotlib.pyplot as plt
 
     def smooth(values: list[float]) -> list[float]:
@@ -93,7 +93,8 @@ def align_experts(rows: list[dict], path: Path, window: int = 10) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = ((axes[0], ("disc/perception/gap", "disc/reasoning/gap"), "teacher − policy score", "Score gap per expert"),
               (axes[1], ("disc/perception/acc", "disc/reasoning/acc"), "pairwise accuracy", "Discriminator accuracy"),
-              (axes[2], ("rollout/caption_match", "rollout/accuracy"), "fraction of rollouts", "Policy rollouts"))
+              (axes[2], ("rollout/caption_match", "rollout/accuracy", "rollout/caption_error/colour",
+                         "rollout/caption_error/layout"), "fraction of rollouts", "Policy rollouts"))
     for ax, keys, ylabel, title in panels:
         for i, key in enumerate(keys):
             points = [(r["step"], r[key]) for r in rows if key in r]

@@ -217,7 +217,10 @@ def long_align_section(run_dir: Path, command: str, plot_rel: str, window: int =
              "last": rows[-window:]}
     keys = {"perception gap": "disc/perception/gap", "reasoning gap": "disc/reasoning/gap",
             "perception acc": "disc/perception/acc", "reasoning acc": "disc/reasoning/acc",
-            "rollout caption match": "rollout/caption_match", "rollout answer acc": "rollout/accuracy"}
+            "rollout caption match": "rollout/caption_match", "rollout answer acc": "rollout/accuracy",
+            "rollout colour-caption err": "rollout/caption_error/colour",
+            "rollout layout-caption err": "rollout/caption_error/layout"}
+    keys = {name: key for name, key in keys.items() if any(key in r for r in rows)}
     lines = ["## Perception and reasoning over a longer ALIGN run", "",
              f"One seed, {rows[-1]['step']} ALIGN steps from that seed's SFT checkpoint, otherwise the PRISM row's "
              "settings:", "", f"```bash\n{command}\n```", "", f"![align_experts]({plot_rel})", "",

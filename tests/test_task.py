@@ -123,6 +123,18 @@ def test_the_grid_task_names_each_drift_in_a_caption_and_evaluation_counts_capti
     assert not any(k.startswith("caption_error/") for k in score_responses([_ex("1", letter="a")], [_resp("b", "t", "1")], LETTERS))
 
 
+def test_aligns_rollout_monitors_count_each_drift_of_the_rollouts_captions():
+    from prism.align.game import rollout_monitors
+
+    ex = _ex("1", scene=[["red", "blue"], ["yellow", "yellow"]], question_type="count", params={"color": "red"})
+    texts = [_resp("row 1: red blue; row 2: yellow yellow", "t", "1"), _resp("row 1: yellow yellow; row 2: red blue",
+             "t", "1"), _resp("row 1: yellow yellow; row 2: blue blue", "t", "2"), "no caption"]
+    m = rollout_monitors([ex], texts, 4, TASK)
+    assert (m["caption_match"], m["accuracy"]) == (0.25, 0.5)
+    assert (m["caption_error/colour"], m["caption_error/layout"], m["caption_error/unreadable"]) == (0.25, 0.5, 0.25)
+    assert not any(k.startswith("caption_error/") for k in rollout_monitors([_ex("1", letter="a")], texts, 4, LETTERS))
+
+
 def test_the_grid_tasks_caption_negatives_change_only_the_caption_each_in_its_one_way():
     scene = [["red", "blue"], ["yellow", "yellow"]]
     ex = _ex("1", scene=scene, question_type="count", params={"color": "red"}, grid=2, id="test-000001")

@@ -136,7 +136,9 @@ def discriminator_update(disc: MoEDiscriminator, update: ModelUpdate, cfg: Align
 
 
 def rollout_monitors(prompts: list[Example], texts: list[str], G: int, task: Task | None = None) -> dict[str, float]:
-    """Format rate, answer accuracy and (with a task that checks captions) caption match of the rollouts."""
+    """Format rate, answer accuracy and (with a task that checks captions) caption match of the rollouts, and
+    with a task that names its caption errors (`caption_errors`, `caption_error_kinds`) the fraction of
+    rollouts with each kind (`caption_error/<kind>`)."""
     parsed = [parse_response(t) for t in texts]
     expanded = [ex for ex in prompts for _ in range(G)]
     out = {"format_rate": sum(p.valid for p in parsed) / len(parsed),
@@ -146,4 +148,10 @@ def rollout_monitors(prompts: list[Example], texts: list[str], G: int, task: Tas
                if c is not None] if task is not None else []
     if checked:
         out["caption_match"] = sum(checked) / len(checked)
+        kinds = getattr(task, "caption_error_kinds", ())
+        if kinds:
+            found = [task.caption_errors(p.caption, ex) for p, ex in zip(parsed, expanded)]
+            found = [f for f in found if f is not None]
+            for kind in kinds:
+                out[f"caption_error/{kind}"] = sum(kind in f for f in found) / len(found)
     return out

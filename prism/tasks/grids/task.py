@@ -30,6 +30,8 @@ _NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
 class GridTask:
     name = "grids"
     table_groups = QUESTION_TYPES
+    caption_error_kinds = ("colour", "layout", "unreadable")
+    """What `caption_errors` can name."""
 
     def caption_correct(self, caption: str | None, example: Example) -> bool | None:
         if "scene" not in example.meta:

@@ -58,3 +58,29 @@ def test_the_results_page_compares_rows_seed_by_seed():
         in table
     assert "| PRISM − SFT | 3 | +0.0 [+0.0, +0.0] | not distinguishable |" in table
     assert "| PRISM[text_only] − PRISM | 3 | -2.0 [-3.0, -1.0] | worse |" in table
+
+
+def test_error_rates_are_better_when_lower_and_the_reading_says_so():
+    from prism.report import DRIFTS, PROBE, paired, reading, summarise
+
+    def row(layout: dict[int, float], probe: dict[int, float] | None = None) -> dict:
+        return {str(s): {"greedy": {"accuracy": 0.5, "caption_error/layout": layout[s]},
+                         **({"probe": {"layout/perception": probe[s]}} if probe else {})} for s in layout}
+
+    results = {"config": {"algos": []}, "rows": {
+        "SFT": row({0: 0.60, 1: 0.50, 2: 0.70}),
+        "PRISM": row({0: 0.40, 1: 0.40, 2: 0.50}, {0: 0.9, 1: 0.8, 2: 0.85}),
+        "PRISM[text_only]": row({0: 0.60, 1: 0.50, 2: 0.70}, {0: 0.5, 1: 0.5, 2: 0.55}),
+    }}
+    results["summary"] = summarise(results["rows"])
+    table = "\n".join(paired(results, DRIFTS[1:2]))
+    # PRISM − SFT: −20, −10, −20 points of layout errors: interval [−20, −10], below 0: fewer errors, better
+    assert "| PRISM − SFT | 3 | -16.7 [-20.0, -10.0] | better |" in table
+    assert "| PRISM[text_only] − PRISM | 3 | +16.7 [+10.0, +20.0] | worse |" in table
+    probe = "\n".join(paired(results, PROBE, pairs=[("PRISM[text_only]", "PRISM")]))
+    assert "| PRISM[text_only] − PRISM | 3 | -33.3 [-40.0, -30.0] | worse |" in probe
+    text = "\n".join(reading(results))
+    assert "PRISM vs SFT (paired difference in points, 95% interval): greedy 50.0% vs 50.0%, +0.0 [+0.0, +0.0] " \
+           "**not distinguishable**; layout-caption errors 43.3% vs 60.0%, -16.7 [-20.0, -10.0] **better**." in text
+    assert "Discriminators, PRISM[text_only] vs PRISM, pairwise accuracy on caption-only negatives: perception " \
+           "expert, layout negatives 51.7% vs 85.0%, -33.3 [-40.0, -30.0] **worse**." in text

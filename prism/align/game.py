@@ -149,9 +149,9 @@ def rollout_monitors(prompts: list[Example], texts: list[str], G: int, task: Tas
     if checked:
         out["caption_match"] = sum(checked) / len(checked)
         kinds = getattr(task, "caption_error_kinds", ())
-        if kinds:
-            found = [task.caption_errors(p.caption, ex) for p, ex in zip(parsed, expanded)]
-            found = [f for f in found if f is not None]
+        found = [f for f in (task.caption_errors(p.caption, ex) for p, ex in zip(parsed, expanded))
+                 if f is not None] if kinds else []
+        if found:
             for kind in kinds:
                 out[f"caption_error/{kind}"] = sum(kind in f for f in found) / len(found)
     return out

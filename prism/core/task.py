@@ -7,8 +7,9 @@ The library trains and evaluates any data without a task. A task adds what only 
   optionally (a method `caption_errors(caption, example) -> list[str] | None` and the tuple
   `caption_error_kinds` of what it can name), what kinds of error a caption makes
   (`caption_error/<kind>` in evaluation and ALIGN's rollout monitors; the grids task tells a colour
-  error from a layout error), and (`caption_negatives(response, example) -> dict[str, str]`) the response with
-  only its caption made wrong in each such way (the pipeline probes ALIGN's discriminators with them);
+  error from a layout error), and (`caption_negatives(response, example) -> dict[str, str]`) the
+  response with only its caption made wrong in each such way (the pipeline probes ALIGN's
+  discriminators with them);
 - the groups an example belongs to, for per-group accuracy (`acc/<group>`);
 - warm-start negatives with one perception and one reasoning error (`warmup.negatives=corrupt`);
 - for the pipeline, its data splits.

@@ -11,6 +11,7 @@ from pathlib import Path
 from prism.align.warmup import corrupt_caption, corrupt_response, corrupt_think, swap_one
 from prism.core.errors import ConfigError
 from prism.core.example import Example
+from prism.core.response import parse_response
 from prism.tasks.grids.generator import (
     COLORS,
     NUMBER_WORDS,
@@ -21,7 +22,6 @@ from prism.tasks.grids.generator import (
     generate,
     scene_from_caption,
 )
-from prism.core.response import parse_response
 
 _COLOUR = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")

@@ -3,7 +3,7 @@
     prism-pipeline report --results runs/pipeline-full/results.json --out docs/results.md \\
         --command "prism-pipeline --config configs/demo/pipeline.yaml --full workdir=runs/pipeline-full" \\
         [--memory memory.json] [--gpu gpu-a.json gpu-b.json ...] \\
-        [--align-run runs/align-long --align-command "prism-align --config ..."]
+        [--align-run runs/align-long --align-command "prism-align --config ..." ...]
 
 The page has the command, versions and machine, how the settings were chosen, the tables (greedy and
 sampled accuracy per stage and question type with the caption errors of each drift and the error split,
@@ -204,9 +204,12 @@ def probe_section(results: dict) -> list[str]:
 
 
 def long_align_section(run_dir: Path, command: str, plot_rel: str, window: int = 25) -> list[str]:
-    """A longer ALIGN run's per-expert picture: its plot, and each expert's score gap and pairwise
-    accuracy, the rollouts' caption match and answer accuracy, averaged over the first, middle and last
-    `window` steps of its metrics.jsonl."""
+    """A longer ALIGN run's per-expert picture: what its public pool drifted in (the meta.json beside its
+    data.train, when there is one), its plot, and each expert's score gap and pairwise accuracy and the
+    rollouts' caption match, answer accuracy and caption errors per drift, averaged over the first, middle
+    and last `window` steps of its metrics.jsonl, with the change from first to last in words."""
+    import yaml
+
     from prism.tracking import metric_rows
 
     rows = [r for r in metric_rows(run_dir) if "disc/perception/gap" in r]
@@ -221,19 +224,34 @@ def long_align_section(run_dir: Path, command: str, plot_rel: str, window: int =
             "rollout colour-caption err": "rollout/caption_error/colour",
             "rollout layout-caption err": "rollout/caption_error/layout"}
     keys = {name: key for name, key in keys.items() if any(key in r for r in rows)}
-    lines = ["## Perception and reasoning over a longer ALIGN run", "",
-             f"One seed, {rows[-1]['step']} ALIGN steps from that seed's SFT checkpoint, otherwise the PRISM row's "
-             "settings:", "", f"```bash\n{command}\n```", "", f"![align_experts]({plot_rel})", "",
-             f"Means over steps (windows of {window}): gap = teacher − policy score of the expert; acc = its "
-             "pairwise accuracy on (teacher, policy) pairs that differ in its section.", "",
+    pool = "public pool: drifts not recorded"
+    config = Path(run_dir) / "config.yaml"
+    if config.is_file():
+        meta = Path(yaml.safe_load(config.read_text())["data"]["train"]).parent / "meta.json"
+        if meta.is_file():
+            synth = json.loads(meta.read_text()).get("config", {})
+            pool = f"public pool with the colour bias ({100 * synth.get('bias_rate', 0):.0f}% of yellow cells)"
+            if synth.get("layout_drift", "none") != "none":
+                pool += f" and {synth['layout_drift']} in {100 * synth['layout_rate']:.0f}% of captions"
+    means = {name: {key: statistics.fmean(v) for key in keys.values() if (v := [r[key] for r in span if key in r])}
+             for name, span in spans.items()}
+    lines = [f"### {rows[-1]['step']} ALIGN steps, {pool}", "",
+             "One seed, from that seed's SFT checkpoint, otherwise the PRISM row's settings:", "",
+             f"```bash\n{command}\n```", "", f"![align_experts]({plot_rel})", "",
              "| steps | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, span in spans.items():
-        cells = []
-        for key in keys.values():
-            vals = [r[key] for r in span if key in r]
-            cells.append(f"{statistics.fmean(vals):.2f}" if vals else "—")
-        lines.append(f"| {name} ({span[0]['step']}–{span[-1]['step']}) | " + " | ".join(cells) + " |")
-    return lines + [""]
+        lines.append(f"| {name} ({span[0]['step']}–{span[-1]['step']}) | " + " | ".join(
+            f"{means[name][key]:.2f}" if key in means[name] else "—" for key in keys.values()) + " |")
+    moved = [f"{name} {means['first'][key]:.2f} → {means['last'][key]:.2f}" for name, key in keys.items()
+             if key in means["first"] and key in means["last"]]
+    return lines + ["", f"First to last {window} steps: " + "; ".join(moved) + ".", ""]
+
+
+def long_align_intro(window: int = 25) -> list[str]:
+    return ["## Perception and reasoning over longer ALIGN runs", "",
+            f"Means over windows of {window} steps: gap = teacher − policy score of the expert; acc = its pairwise "
+            "accuracy on (teacher, policy) pairs that differ in its section; the rollouts' caption match, answer "
+            "accuracy and caption errors per drift (when logged).", ""]
 
 
 def efficiency(memory: dict | None, gpu: list[dict] | None) -> list[str]:
@@ -405,8 +423,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--command", default="prism-pipeline --config configs/demo/pipeline.yaml --full")
     p.add_argument("--memory", help="JSON of benchmarks/memory_report.py --out")
     p.add_argument("--gpu", nargs="+", help="JSON files of benchmarks/gpu_throughput.py --out (one per set-up)")
-    p.add_argument("--align-run", help="a longer ALIGN run's output directory, shown per expert (its metrics.jsonl)")
-    p.add_argument("--align-command", default="prism-align --config ...", help="the command that made --align-run")
+    p.add_argument("--align-run", action="append", help="a longer ALIGN run's output directory, shown per expert "
+                   "(its metrics.jsonl; repeat for several)")
+    p.add_argument("--align-command", action="append", help="the command that made each --align-run, in order")
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
     memory = json.loads(Path(a.memory).read_text()) if a.memory else None
@@ -426,8 +445,13 @@ def main(argv: list[str] | None = None) -> str:
         from prism.tracking import metric_rows
 
         matplotlib.use("Agg")
-        plot = align_experts(metric_rows(Path(a.align_run)), out.parent / "plots" / "align_experts.png")
-        long_align = long_align_section(Path(a.align_run), a.align_command, f"plots/{Path(plot).name}")
+        commands = a.align_command or []
+        if len(commands) != len(a.align_run):
+            p.error(f"--align-command: give one per --align-run ({len(a.align_run)}), got {len(commands)}")
+        long_align = long_align_intro()
+        for i, (run, command) in enumerate(zip(a.align_run, commands)):
+            plot = align_experts(metric_rows(Path(run)), out.parent / "plots" / f"align_experts_{i}.png")
+            long_align += long_align_section(Path(run), command, f"plots/{Path(plot).name}")
     text = render(results, rel, a.command, memory, gpu, long_align)
     out.write_text(text)
     print(f"wrote {out}")

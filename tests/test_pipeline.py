@@ -277,3 +277,33 @@ def test_curves_are_averaged_over_seeds_step_by_step():
     assert out["PRISM"]["disc/perception/acc"] == [(1, pytest.approx(0.6)), (2, pytest.approx(0.8)), (3, 1.0)]
     assert out["SFT→grpo"]["rollout/reward"] == [(1, 0.25)]
 
+
+
+def test_a_longer_align_run_is_shown_per_expert_with_its_drifts_and_what_moved(tmp_path):
+    from prism.plots import align_experts
+    from prism.report import long_align_section
+    from prism.tracking import metric_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"config": {"bias_rate": 0.6, "layout_drift": "flip_rows",
+                                                           "layout_rate": 0.6}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": str(data / "align.jsonl")}}))
+    rows = [{"step": 0, "warmup/perception_acc": 1.0}]  # the warm start's row has no game metrics
+    rows += [{"step": s, "disc/perception/gap": 4.0 - s, "disc/reasoning/gap": 7.0, "disc/perception/acc": 0.9,
+              "disc/reasoning/acc": 0.95, "rollout/caption_match": 0.1 * s, "rollout/accuracy": 0.5,
+              "rollout/caption_error/layout": 0.7} for s in range(1, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = long_align_section(run, "prism-align --config x.yaml", "plots/a.png", window=2)
+    page = "\n".join(lines)
+    assert lines[0] == ("### 4 ALIGN steps, public pool with the colour bias (60% of yellow cells) and flip_rows in "
+                        "60% of captions")
+    assert "| steps | perception gap | reasoning gap | perception acc | reasoning acc | rollout caption match | " \
+           "rollout answer acc | rollout layout-caption err |" in page  # no colour column: not logged
+    assert "| first (1–2) | 2.50 | 7.00 | 0.90 | 0.95 | 0.15 | 0.50 | 0.70 |" in page
+    assert "| last (3–4) | 0.50 | 7.00 | 0.90 | 0.95 | 0.35 | 0.50 | 0.70 |" in page
+    assert "First to last 2 steps: perception gap 2.50 → 0.50; reasoning gap 7.00 → 7.00;" in page
+    png = align_experts(metric_rows(run), tmp_path / "a.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -277,14 +277,19 @@ def gpu_lines(runs: list[dict]) -> list[str]:
     """One table row per `benchmarks/gpu_throughput.py --out` file, the rollout figures, and the MFU
     target (>= 45%) against the best measured set-up."""
     first = runs[0]
-    lines = [f"SFT step on {first['device']} (`benchmarks/gpu_throughput.py`, Qwen3-VL-shaped random weights, bf16, "
-             f"{first['attn']} attention; MFU against {first['peak_tflops']:.0f} TFLOP/s dense bf16):", "",
+    devices = list(dict.fromkeys(r["device"] for r in runs))
+
+    def model(r: dict) -> str:  # with the device when the files come from several
+        return f"{r['size']} ({r['device']})" if len(devices) > 1 else r["size"]
+
+    lines = [f"SFT step on {' and '.join(devices)} (`benchmarks/gpu_throughput.py`, Qwen3-VL-shaped random weights, "
+             f"bf16, {first['attn']} attention; MFU against {first['peak_tflops']:.0f} TFLOP/s dense bf16):", "",
              "| model | batch x tokens | loss | checkpointing | compiled layers | step ms | tokens/s | MFU | peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if "sft_mfu" not in r and not r.get("sft_oom"):
             continue  # a rollouts-only file (--skip-sft)
-        setup = (f"| {r['size']} | {r['batch']} x {r['seq']} | {r.get('loss', 'full')} | "
+        setup = (f"| {model(r)} | {r['batch']} x {r['seq']} | {r.get('loss', 'full')} | "
                  f"{'yes' if r.get('checkpointing') else 'no'} | {'yes' if r.get('compile') else 'no'} |")
         if r.get("sft_oom"):
             lines.append(f"{setup} out of memory | | | |")
@@ -296,11 +301,11 @@ def gpu_lines(runs: list[dict]) -> list[str]:
         if "rollouts" in r:  # one row per backend measured on the same model and prompts
             for g in r["rollouts"]:
                 ratio = f", {g['ratio_to_hf']:.2f}x hf" if "ratio_to_hf" in g else ""
-                lines.append(f"Rollouts ({r['size']}, backend {g['backend']}, {r['rollout_sequences']} sequences at "
+                lines.append(f"Rollouts ({model(r)}, backend {g['backend']}, {r['rollout_sequences']} sequences at "
                              f"once): {g['tokens_per_s']:.0f} tokens/s{ratio}, "
                              f"{100 * g['fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth bound.")
         elif "rollout_tokens_per_s" in r:
-            lines.append(f"Rollouts ({r['size']}, backend {r.get('rollout_backend', 'hf')}, "
+            lines.append(f"Rollouts ({model(r)}, backend {r.get('rollout_backend', 'hf')}, "
                          f"{r.get('rollout_sequences', '?')} sequences at once): {r['rollout_tokens_per_s']:.0f} "
                          f"tokens/s, {100 * r['rollout_fraction_of_bandwidth_bound']:.1f}% of the memory-bandwidth "
                          f"bound.")
@@ -309,7 +314,7 @@ def gpu_lines(runs: list[dict]) -> list[str]:
         best = max(measured, key=lambda r: r["sft_mfu"])
         verdict = "met" if best["sft_mfu"] >= 0.45 else "**not met**"
         lines += ["", f"SFT MFU target (>= 45%): {verdict} — best {100 * best['sft_mfu']:.1f}% "
-                  f"({best['size']}, batch {best['batch']} x {best['seq']}"
+                  f"({model(best)}, batch {best['batch']} x {best['seq']}"
                   f"{', compiled layers' if best.get('compile') else ''})."]
     return lines
 

@@ -132,10 +132,11 @@ def test_gpu_section_has_a_row_per_setup_and_judges_the_mfu_target():
                               "ratio_to_hf": 4.0},
                              {"backend": "hf", "tokens_per_s": 2e3, "fraction_of_bandwidth_bound": 0.02,
                               "ratio_to_hf": 1.0}]}
-    text = "\n".join(gpu_lines([slow, rollouts]))
-    assert text.count("| 1.7b |") == 1
-    assert "Rollouts (1.7b, backend native+compile, 128 sequences at once): 8000 tokens/s, 4.00x hf, 8.0%" in text
-    assert "Rollouts (1.7b, backend hf, 128 sequences at once): 2000 tokens/s, 1.00x hf, 2.0%" in text
+    text = "\n".join(gpu_lines([slow, rollouts]))  # files from two devices: each row and line names its own
+    assert text.startswith("SFT step on H100 and H200 (") and text.count("| 1.7b (H100) |") == 1
+    assert "Rollouts (1.7b (H200), backend native+compile, 128 sequences at once): 8000 tokens/s, 4.00x hf, 8.0%" \
+        in text
+    assert "Rollouts (1.7b (H200), backend hf, 128 sequences at once): 2000 tokens/s, 1.00x hf, 2.0%" in text
 
 
 def test_bad_pipeline_configs_name_the_key(tmp_path):

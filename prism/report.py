@@ -197,10 +197,36 @@ def probe_section(results: dict) -> list[str]:
         lines.append(f"| {r} | " + " | ".join(
             (f"{100 * s[r][k][0]:.1f}" + (f" ± {100 * s[r][k][1]:.1f}" if s[r][k][2] > 1 else "")) if k in s[r]
             else "—" for k in keys) + " |")
+    lines += ["", "Against chance (per seed, accuracy − 50, with its 95% bootstrap interval over seeds):", ""]
+    for r in rows:
+        parts = []
+        for k in keys:
+            stat = against_chance(results, r, k)
+            if stat is not None:
+                mean, low, high, n, word = stat
+                parts.append(f"{k.split('/', 1)[1].replace('/', ' ')} {mean:+.1f} [{low:+.1f}, {high:+.1f}] "
+                             f"{word if n > 1 else '(one seed)'}")
+        lines.append(f"- {r}: " + "; ".join(parts) + ".")
     ablations = [(r, "PRISM") for r in rows if r.startswith("PRISM[") and "PRISM" in rows]
     if ablations:
         lines += ["", *paired(results, PROBE, pairs=ablations)]
     return lines + [""]
+
+
+def against_chance(results: dict, row: str, key: str, level: float = 0.95
+                   ) -> tuple[float, float, float, int, str] | None:
+    """(mean, low, high, seeds, verdict) of a probe accuracy `key` ("probe/<kind>/<expert>") minus 50 points
+    over the row's seeds: "above chance" / "below chance" when the bootstrap interval excludes 0, else "at
+    chance". None when no seed has it."""
+    from prism.eval.stats import bootstrap_interval
+
+    group, _, metric = key.partition("/")
+    diffs = [100 * r[group][metric] - 50 for r in results["rows"][row].values() if metric in r.get(group, {})]
+    if not diffs:
+        return None
+    mean, low, high = bootstrap_interval(diffs, level)
+    word = "above chance" if low > 0 else "below chance" if high < 0 else "at chance"
+    return mean, low, high, len(diffs), word
 
 
 def long_align_section(run_dir: Path, command: str, plot_rel: str, window: int = 25) -> list[str]:

@@ -79,6 +79,12 @@ def test_error_rates_are_better_when_lower_and_the_reading_says_so():
     assert "| PRISM[text_only] − PRISM | 3 | +16.7 [+10.0, +20.0] | worse |" in table
     probe = "\n".join(paired(results, PROBE, pairs=[("PRISM[text_only]", "PRISM")]))
     assert "| PRISM[text_only] − PRISM | 3 | -33.3 [-40.0, -30.0] | worse |" in probe
+    from prism.report import probe_section
+
+    probes = "\n".join(probe_section(results))
+    # PRISM: 90, 80, 85 -> +40, +30, +35 above 50; text_only: 50, 50, 55 -> 0, 0, +5: the interval [0, +5] touches 0
+    assert "- PRISM: layout perception +35.0 [+30.0, +40.0] above chance." in probes
+    assert "- PRISM[text_only]: layout perception +1.7 [+0.0, +5.0] at chance." in probes
     text = "\n".join(reading(results))
     assert "PRISM vs SFT (paired difference in points, 95% interval): greedy 50.0% vs 50.0%, +0.0 [+0.0, +0.0] " \
            "**not distinguishable**; layout-caption errors 43.3% vs 60.0%, -16.7 [-20.0, -10.0] **better**." in text

@@ -22,7 +22,8 @@ LAYERS = [
     ["prism.checkpoint", "prism.tracking", "prism.eval"],
     ["prism.loop"],
     ["prism.sft", "prism.align", "prism.rl"],
-    ["prism.report", "prism.plots"],
+    ["prism.plots"],
+    ["prism.report"],
     ["prism.pipeline"],
     ["prism.cli"],
 ]

@@ -279,7 +279,6 @@ def test_curves_are_averaged_over_seeds_step_by_step():
     assert out["SFT→grpo"]["rollout/reward"] == [(1, 0.25)]
 
 
-
 def test_a_longer_align_run_is_shown_per_expert_with_its_drifts_and_what_moved(tmp_path):
     from prism.plots import align_experts
     from prism.report import long_align_section

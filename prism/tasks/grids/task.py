@@ -42,8 +42,8 @@ class GridTask:
         """What is wrong with a caption, each drift on its own: `colour` (a grid of the right shape with some
         colour count wrong: the colour bias, or any miscoloured cell), `layout` (cells misplaced: every count
         right but the caption still wrong, or its rows in the wrong order, some reordering of them matching
-        the scene in more cells whatever the colours: the drift only the image shows), both, or `unreadable` (no caption, not a grid, or the wrong shape). [] when it
-        matches; None when the example has no scene."""
+        the scene in more cells whatever the colours: the drift only the image shows), both, or `unreadable`
+        (no caption, not a grid, or the wrong shape). [] when it matches; None when the example has no scene."""
         if "scene" not in example.meta:
             return None
         truth = [list(r) for r in example.meta["scene"]]
@@ -67,9 +67,8 @@ class GridTask:
         """`response` with only its caption made wrong, one way per drift of `caption_errors`: `layout`
         (its rows listed bottom-up: every colour count kept, so only the image shows it; absent when the
         rows read the same both ways) and `colour` (one cell's colour changed, seeded by the example's id
-        or source).
-        Think and answer are left as they are, so only the perception expert has anything to see. {} when
-        the caption is not a grid."""
+        or source). Think and answer are left as they are, so only the perception expert has anything to
+        see. {} when the caption is not a grid."""
         parsed = parse_response(response)
         said = scene_from_caption(parsed.caption) if parsed.caption is not None else None
         if said is None:

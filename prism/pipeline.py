@@ -59,6 +59,7 @@ from prism.core.config import (
     parse_overrides,
 )
 from prism.core.errors import ConfigError, RunError
+from prism.core.files import write_atomic
 from prism.core.task import Task, load_task
 from prism.data.formats import load_examples
 from prism.eval.run import evaluate_model
@@ -372,10 +373,8 @@ class Pipeline:
         cache = ckpt / "pipeline-eval.json"
         key = {"task": self.cfg.task, "limit": e.limit, "samples": e.samples, "temperature": e.temperature,
                "max_new_tokens": e.max_new_tokens, "seed": seed, "backend": e.backend, "metrics": EVAL_VERSION}
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["result"]
+        if (cached := _cached(cache, key)) is not None:
+            return cached
         torch.manual_seed(seed)
         test = load_examples(self.data / "test.jsonl", limit=e.limit)
         model = load_model(ModelSettings(path=str(ckpt)), trainable=False)
@@ -400,10 +399,8 @@ class Pipeline:
             return None
         cache = ckpt / "pipeline-probe.json"
         key = {"task": self.cfg.task, "limit": self.cfg.eval.probe_limit}
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["result"]
+        if (cached := _cached(cache, key)) is not None:
+            return cached
         from prism.align.game import DISC_DIR, build_discriminator
         from prism.align.warmup import pairwise_accuracy
 
@@ -494,11 +491,17 @@ class Pipeline:
         return results
 
 
+def _cached(path: Path, key: dict) -> dict | None:
+    """The result saved at `path` (by `_write_json` with {"key", "result"}) when it was made with `key`."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    return None
+
+
 def _write_json(path: Path, value: dict) -> None:
-    """`path` holds all of `value` or what it held before, never part of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 _WORKER: dict[str, Pipeline] = {}

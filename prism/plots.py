@@ -85,6 +85,9 @@ def align_experts(rows: list[dict], path: Path, window: int = 10) -> str:
     """One ALIGN run's metrics.jsonl rows: per expert, the score gap and the pairwise accuracy over steps
     (thin: every step; thick: the mean of the last `window` steps), and the rollouts' caption match,
     answer accuracy and caption errors per drift (when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     def smooth(values: list[float]) -> list[float]:

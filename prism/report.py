@@ -470,12 +470,9 @@ def main(argv: list[str] | None = None) -> str:
         rel.append(f"plots/{dest.name}")
     long_align = None
     if a.align_run:
-        import matplotlib
-
         from prism.plots import align_experts
         from prism.tracking import metric_rows
 
-        matplotlib.use("Agg")
         commands = a.align_command or []
         if len(commands) != len(a.align_run):
             p.error(f"--align-command: give one per --align-run ({len(a.align_run)}), got {len(commands)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.core.config import LoggingSettings
+from prism.core.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -87,9 +88,7 @@ def truncate_metrics(run_dir: Path, start: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in metric_rows(run_dir) if start and r.get("step", 0) <= start]
-    tmp = path.with_name(f".{METRICS_FILE}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def logged_seconds(run_dir: Path) -> float | None:

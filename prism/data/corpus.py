@@ -42,6 +42,7 @@ from PIL import Image
 
 from prism.core.errors import DataError
 from prism.core.example import Example
+from prism.core.files import write_atomic
 from prism.data.collate import token_lengths
 from prism.data.formats import (
     Shard,
@@ -324,7 +325,7 @@ def _rows(part: list[tuple[int, Shard | None]], settings: list[dict[str, Any]]) 
         stats["error"] = str(e)
     finally:
         stats.update(n_bad=skipped.n, first_bad=skipped.first, file=str(skipped.file))
-        _atomic_json(Path(s["stats_dir"]) / f"stats-{k}.json", stats)
+        write_atomic(Path(s["stats_dir"]) / f"stats-{k}.json", json.dumps(stats))
 
 
 def _gather_stats(folder: Path, n: int) -> dict[str, Any]:
@@ -346,12 +347,6 @@ def _gather_stats(folder: Path, n: int) -> dict[str, Any]:
         out["file"] = out["file"] or part["file"]
         out["complete"] = out["complete"] and part["complete"]
     return out
-
-
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _row(example: Example) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from prism.tasks.grids.generator import (
     QUESTION_TYPES,
     SynthConfig,
     caption_for_scene,
-    caption_matches_scene,
     generate,
     scene_from_caption,
 )
@@ -34,9 +33,8 @@ class GridTask:
     """What `caption_errors` can name."""
 
     def caption_correct(self, caption: str | None, example: Example) -> bool | None:
-        if "scene" not in example.meta:
-            return None
-        return caption is not None and caption_matches_scene(caption, example.meta["scene"])
+        errors = self.caption_errors(caption, example)
+        return None if errors is None else not errors
 
     def caption_errors(self, caption: str | None, example: Example) -> list[str] | None:
         """What is wrong with a caption, each drift on its own: `colour` (a grid of the right shape with some

@@ -27,6 +27,9 @@ class DiscriminatorSettings(DiscriminatorConfig):
     path: str | None = None
     """A Qwen-VL directory to build fresh experts on (the SFT policy, the base or a smaller model), or a saved
     discriminator (e.g. OUTPUT_DIR/warmup). null: model.path, the starting policy."""
+    chat_template: str = "auto"
+    """The discriminator's chat template (as model.chat_template; a saved discriminator keeps the one it
+    was trained with)."""
     reg: float = Field(1e-3, ge=0)
     """λ_reg of the score-magnitude term in the discriminator loss."""
     lr: float = Field(1e-4, gt=0)

@@ -39,11 +39,12 @@ from transformers import AutoModelForImageTextToText
 
 from prism.align.losses import COMPONENTS, SECTION_OF
 from prism.core.batching import text_position_ids
-from prism.core.config import Section, one_line_error
+from prism.core.config import LM_PROJECTIONS, Section, one_line_error
 from prism.core.errors import ConfigError, DataError
 from prism.core.example import IMAGE_PLACEHOLDER, Example
 from prism.core.response import ParsedResponse, parse_response
-from prism.data.collate import _images, render
+from prism.data.collate import render
+from prism.data.images import example_images
 from prism.models.loader import (
     check_model_dir,
     check_weights,
@@ -57,7 +58,6 @@ CONFIG_FILE = "discriminator.json"
 HEADS_FILE = "heads.safetensors"
 LOAD_OPTIONS = ("dtype", "attn_implementation", "extra")
 """Keys of discriminator.json files from earlier versions that are not part of the config (load options)."""
-LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class DiscriminatorConfig(Section):
@@ -137,12 +137,17 @@ class MoEDiscriminator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "auto", attn_implementation: str = "sdpa",
-                        key: str = "discriminator.path", **overrides) -> "MoEDiscriminator":
+                        key: str = "discriminator.path", chat_template: str = "auto",
+                        image_pixels: tuple[int | None, int | None] = (None, None),
+                        **overrides) -> "MoEDiscriminator":
         """A saved discriminator (a directory with discriminator.json), or fresh experts on any
         local Qwen-VL directory the loader accepts (`overrides` are DiscriminatorConfig fields).
+        `chat_template` (`discriminator.chat_template`) and `image_pixels` (data.image_min_pixels,
+        data.image_max_pixels) set up its processor as `prism.models.processor.load_processor` does.
         A fault in the directory's files is one line naming `key` and the file."""
         path = Path(path)
-        load = dict(dtype=dtype, attn_implementation=attn_implementation, key=key)
+        load = dict(dtype=dtype, attn_implementation=attn_implementation, key=key, chat_template=chat_template,
+                    image_pixels=image_pixels)
         if (path / CONFIG_FILE).is_file():
             saved = read_json_object(path / CONFIG_FILE, key)
             for name in ("experts", "dense"):  # the layout of the saved experts cannot change on load
@@ -165,9 +170,13 @@ class MoEDiscriminator(nn.Module):
     @classmethod
     def _build(cls, backbone_dir: Path, processor_dir: Path, config: DiscriminatorConfig,
                adapters: Path | None = None, dtype: str = "auto", attn_implementation: str = "sdpa",
-               key: str = "discriminator.path") -> "MoEDiscriminator":
+               key: str = "discriminator.path", chat_template: str = "auto",
+               image_pixels: tuple[int | None, int | None] = (None, None)) -> "MoEDiscriminator":
         check_model_dir(backbone_dir, key=key)  # config.json and the weights' headers
-        processor = load_processor(processor_dir, key=key)  # the discriminator tokenizes with its own processor
+        # the discriminator tokenizes with its own processor
+        processor = load_processor(processor_dir, key=key, chat_template=chat_template,
+                                   template_key="discriminator.chat_template", min_pixels=image_pixels[0],
+                                   max_pixels=image_pixels[1])
         try:
             base = AutoModelForImageTextToText.from_pretrained(
                 backbone_dir, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
@@ -288,7 +297,7 @@ class MoEDiscriminator(nn.Module):
             messages = _strip_images(ex.prompt_messages) if self.config.text_only else ex.prompt_messages
             texts.append(render(self.processor, messages, add_generation_prompt=True) + seg)
             prompt_examples.append(ex)
-        images = [] if self.config.text_only else _images(prompt_examples, prompt_only=True)
+        images = [] if self.config.text_only else example_images(self.processor, prompt_examples, prompt_only=True)
         tok = self.processor.tokenizer
         tok.padding_side = padding_side
         try:

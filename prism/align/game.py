@@ -28,6 +28,8 @@ def build_discriminator(cfg: AlignConfig, path: str | Path) -> MoEDiscriminator:
     whole on every process (no DeepSpeed engine owns it; see `replicated_load`)."""
     with replicated_load():
         return MoEDiscriminator.from_pretrained(path, dtype=cfg.model.dtype,
+                                                chat_template=cfg.discriminator.chat_template,
+                                                image_pixels=(cfg.data.image_min_pixels, cfg.data.image_max_pixels),
                                                 **cfg.discriminator.architecture().model_dump())
 
 

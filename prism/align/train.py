@@ -71,9 +71,9 @@ from prism.loop.run import (
     names_last_checkpoint,
     open_logs,
     setup_run,
+    stage_processor,
 )
 from prism.models.loader import load_model
-from prism.models.processor import load_processor
 from prism.rollout.engine import RolloutBackend, make_backend
 from prism.tracking import metric_rows
 
@@ -187,7 +187,7 @@ def train(cfg: AlignConfig, warmup_only: bool = False) -> dict:
     accelerator, out = setup_run(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     task = load_task(cfg.data.task)
-    processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
+    processor = stage_processor(cfg)
     prompts = load_alignment_data(cfg)
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", world)

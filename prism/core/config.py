@@ -27,6 +27,14 @@ class Section(BaseModel):
     """Old dotted key -> its replacement; loading a config that still uses the old key stops naming the new."""
 
 
+LM_PROJECTIONS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+                  r"|in_proj_qkv|in_proj_z|out_proj)")
+"""Every linear projection of the language model's layers in each Qwen-VL family: attention (q/k/v/o), the gated
+MLP and shared experts (gate/up/down), and the Gated-DeltaNet layers of Qwen3.5 (in_proj_qkv, in_proj_z,
+out_proj; their two per-head gate projections, in_proj_a / in_proj_b, are a few columns each and left out).
+Fused MoE experts are 3D parameters, not linear modules, and so not adapted (as in peft)."""
+
+
 class LoraSettings(Section):
     enabled: bool = False
     """Train LoRA adapters instead of the full language model."""
@@ -35,10 +43,9 @@ class LoraSettings(Section):
     alpha: int = Field(32, gt=0)
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = (
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    )
-    """peft target_modules: a regex (default: the language model's projections) or a list of names."""
+    target_modules: str | list[str] = LM_PROJECTIONS
+    """peft target_modules: a regex (default: the language model's projections, `LM_PROJECTIONS`) or a list of
+    names."""
     merge_on_save: bool = False
     """Also write the merged full model next to the adapter in every checkpoint."""
 
@@ -60,6 +67,11 @@ class ModelSettings(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     """Off by default: prism only loads architectures that transformers ships."""
+    chat_template: str = "auto"
+    """The chat template: auto (the checkpoint's own), chatml (Qwen's ChatML as the Instruct templates render it,
+    prism.models.processor.CHATML_TEMPLATE) or a Jinja file. A template that does not render PRISM's assistant
+    turns as written stops the run at load: a Thinking checkpoint's (Qwen3-VL-*-Thinking) drops the caption, so
+    such a checkpoint needs chatml."""
     lora: LoraSettings = LoraSettings()
 
 
@@ -75,6 +87,13 @@ class DataSettings(Section):
     format: Literal["auto", "sharegpt", "verl", "prism"] = "auto"
     max_length: int = Field(1024, gt=0)
     """Examples longer than this many tokens are dropped (with a count in the log)."""
+    image_max_pixels: int | None = Field(None, gt=0)
+    """Resize every image to at most this many pixels (the processor's smart_resize: sides multiples of
+    patch x merge, aspect kept), in collation, corpus lengths, every sampler and the discriminator alike.
+    null: the checkpoint's bound (Qwen3-VL's 16,777,216 px = up to 16,384 visual tokens an image; e.g.
+    1003520 = 980 tokens at Qwen3-VL's 32 px per token, LLaMA-Factory's 768 x 768 default 589824)."""
+    image_min_pixels: int | None = Field(None, gt=0)
+    """Resize every image to at least this many pixels (null: the checkpoint's bound)."""
     skip_bad: bool = False
     """Skip bad examples with one warning and a count instead of stopping."""
     eval_limit: int | None = Field(256, gt=0)

@@ -10,17 +10,14 @@ of each `<|image_pad|>` into one token per merged vision patch.
 
 from __future__ import annotations
 
-import io
-import os
 import re
-from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from prism.core.errors import DataError
-from prism.core.example import IGNORE_INDEX, IMAGE_PLACEHOLDER, Example, load_image
+from prism.core.example import IGNORE_INDEX, IMAGE_PLACEHOLDER, Example
+from prism.data.images import example_images, image_bounds, image_size, resized_size
 
 
 def to_chat(messages: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
@@ -73,16 +70,6 @@ def _expanded(text: str, spans: list[tuple[int, int]], pad: str, counts: list[in
     return [(shift(a), shift(b)) for a, b in spans]
 
 
-def _images(examples: Sequence[Example], prompt_only: bool = False) -> list:
-    """Decoded images of all examples, after checking each has one image per placeholder."""
-    for ex in examples:
-        messages = ex.prompt_messages if prompt_only else ex.messages
-        n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if n != len(ex.images):
-            raise DataError(f"{ex.source}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(ex.images)} image(s)")
-    return [load_image(ref, ex.source) for ex in examples for ref in ex.images]
-
-
 def _image_token_counts(processor, batch, examples: Sequence[Example]) -> list[list[int]]:
     """Number of `<|image_pad|>` tokens each image expands to, grouped by example."""
     grids = batch.get("image_grid_thw")
@@ -108,7 +95,7 @@ class SFTCollator:
         self.pad = processor.image_token
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        images = _images(examples)
+        images = example_images(self.processor, examples)
         rendered = [render_with_spans(self.processor, ex) for ex in examples]
         self.processor.tokenizer.padding_side = "right"
         batch = self.processor(
@@ -139,8 +126,8 @@ def encode_prompts(processor, examples: Sequence[Example]) -> dict[str, torch.Te
     texts = [render(processor, ex.prompt_messages, add_generation_prompt=True) for ex in examples]
     processor.tokenizer.padding_side = "left"
     try:
-        batch = processor(text=texts, images=_images(examples, prompt_only=True) or None, return_tensors="pt",
-                          padding=True)
+        batch = processor(text=texts, images=example_images(processor, examples, prompt_only=True) or None,
+                          return_tensors="pt", padding=True)
     finally:
         processor.tokenizer.padding_side = "right"
     return dict(batch)
@@ -153,14 +140,16 @@ def token_length(processor, ex: Example) -> int:
 
 def token_lengths(processor, examples: Sequence[Example], batch_size: int = 1024) -> list[int]:
     """`token_length` of many examples, `batch_size` at a time: the chat texts rendered and tokenised
-    in one call each, each image's size read from its file header (no pixel decode, once per path), and
-    the image token counts asked of the processor once per batch for its distinct sizes."""
+    in one call each, each image's size read from its file header (no pixel decode, once per path) and
+    resized for its own bounds (`prism.data.images`), and the image token counts asked of the processor
+    once per batch for its distinct sizes."""
     out: list[int] = []
     for start in range(0, len(examples), batch_size):
         part = examples[start: start + batch_size]
         texts = processor.apply_chat_template([to_chat(ex.messages) for ex in part], tokenize=False)
         ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        sizes = [[image_size(ref, ex.source)[::-1] for ref in ex.images] for ex in part]  # (height, width)
+        sizes = [[resized_size(processor, *image_size(ref, ex.source), bounds)[::-1]  # (height, width)
+                  for ref, bounds in zip(ex.images, image_bounds(processor, ex))] for ex in part]
         distinct = sorted({hw for row in sizes for hw in row})
         tokens_of = {}
         if distinct:
@@ -169,34 +158,3 @@ def token_lengths(processor, examples: Sequence[Example], batch_size: int = 1024
         for row, tokens in zip(sizes, ids):
             out.append(len(tokens) + sum(tokens_of[hw] - 1 for hw in row))  # each image token stands for its count
     return out
-
-
-def image_size(ref, source: str = "<memory>") -> tuple[int, int]:
-    """(width, height) of an ImageRef from its header; a path's is read once per (path, size, mtime)."""
-    if isinstance(ref, str):
-        try:
-            st = os.stat(ref)
-        except FileNotFoundError:
-            raise DataError(f"{source}: image file not found: {ref}") from None
-        size = _path_size(ref, st.st_size, st.st_mtime_ns)
-        if isinstance(size, str):
-            raise DataError(f"{source}: cannot read image {ref}: {size}")
-        return size
-    if isinstance(ref, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(ref)) as im:
-                return im.size
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{source}: cannot read image <bytes>: {e.__class__.__name__}: {e}") from None
-    return ref.size
-
-
-@lru_cache(maxsize=65536)
-def _path_size(path: str, size: int, mtime_ns: int) -> tuple[int, int] | str:
-    """The header's (width, height), or the reason it cannot be read (cached too: the example naming the
-    file is reported by the caller)."""
-    try:
-        with Image.open(path) as im:  # the header only: PIL decodes pixels lazily
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        return f"{e.__class__.__name__}: {e}"

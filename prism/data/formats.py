@@ -25,14 +25,10 @@ Videos and audio are refused with one line rather than dropped.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,6 +36,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from prism.core.example import IMAGE_PLACEHOLDER, DataError, Example, ImageRef, load_image
+from prism.data.images import image_fault, part_pixel_bounds, resolve_images, verified_path
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 ANSWER_KEYS = ("answer", "ground_truth", "solution")  # sharegpt: the first key present wins
@@ -504,7 +501,10 @@ def parse_sharegpt(record: dict[str, Any], root: Path, source: str) -> Example:
     record = dict(record)
     _refuse_media(record, source)
     turns = record.pop("messages") if "messages" in record else record.pop("conversations", None)
-    messages, carried = _messages(turns, source)
+    bounds: list = []
+    messages, carried = _messages(turns, source, bounds)
+    if any(bounds):  # the image parts' own pixel bounds, one per image (prism.data.images)
+        record["image_pixels"] = bounds
     system = record.pop("system", None)
     if system:
         messages.insert(0, {"role": "system", "content": str(system)})
@@ -530,7 +530,10 @@ def parse_verl(record: dict[str, Any], root: Path, source: str) -> Example:
     """
     record = dict(record)
     _refuse_media(record, source)
-    messages, carried = _messages(record.pop("prompt", None), source)
+    bounds: list = []
+    messages, carried = _messages(record.pop("prompt", None), source, bounds)
+    if any(bounds):
+        record["image_pixels"] = bounds
     images = _merge_images(record.pop("images", None), carried, root, source)
     reward_model = dict(record.pop("reward_model", None) or {})
     answer = _answers(reward_model.pop("ground_truth", None), reward_model.pop("equivalent_answers", None), record)
@@ -569,7 +572,7 @@ def parse_prism(record: dict[str, Any], root: Path, source: str) -> Example:
     record = dict(record)
     _refuse_media(record, source)
     refs = record.pop("images") if "images" in record else record.pop("image", None)
-    images = _images(refs, root, source)
+    images = resolve_images(refs, root, source)
     question = record.pop("question", None)
     if not isinstance(question, str):
         raise DataError(f"{source}: `question` must be a string, got {type(question).__name__}")
@@ -590,11 +593,12 @@ PARSERS: dict[str, Parser] = {
 }
 
 
-def _messages(turns: Any, source: str) -> tuple[list[dict[str, str]], list[Any]]:
+def _messages(turns: Any, source: str, bounds: list | None = None) -> tuple[list[dict[str, str]], list[Any]]:
     """Normalise {role, content} / {from, value} turns. Content may also be a list of parts:
     text ({"type": "text", "text" | "value": str}) and images ({"type": "image"} or
     {"type": "image" | "image_url", "value" | "image" | "image_url": path | URL | bytes | {"url"}}).
-    An image part becomes an `<image>` placeholder; the images parts carry are returned, in order."""
+    An image part becomes an `<image>` placeholder; the images parts carry are returned, in order, and
+    `bounds` gets each placeholder's own pixel bounds (qwen-vl-utils' min_pixels / max_pixels; None)."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{source}: expected a non-empty list of messages, got {type(turns).__name__}")
     messages, carried = [], []
@@ -607,25 +611,31 @@ def _messages(turns: Any, source: str) -> tuple[list[dict[str, str]], list[Any]]
             expected = ", ".join(ROLES)
             raise DataError(f"{source}: unknown role {role!r} in message {i} (expected one of {expected})")
         if isinstance(content, list):
-            content = "".join(_part_text(part, i, source, carried) for part in content)
+            content = "".join(_part_text(part, i, source, carried, bounds) for part in content)
+        elif isinstance(content, str) and bounds is not None:
+            bounds.extend([None] * content.count(IMAGE_PLACEHOLDER))
         if not isinstance(content, str):
             raise DataError(f"{source}: message {i} has no string content (got {type(content).__name__})")
         messages.append({"role": ROLES[role], "content": content})
     return messages, carried
 
 
-def _part_text(part: Any, i: int, source: str, carried: list[Any]) -> str:
+def _part_text(part: Any, i: int, source: str, carried: list[Any], bounds: list | None = None) -> str:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         text = part.get("text", part.get("value"))
         if not isinstance(text, str):
             raise DataError(f"{source}: message {i} has a text part without a string `text`/`value`")
+        if bounds is not None:
+            bounds.extend([None] * text.count(IMAGE_PLACEHOLDER))
         return text
     if kind in ("image", "image_url"):
         ref = part.get("value", part.get(kind))
         ref = ref.get("url") if isinstance(ref, dict) and "url" in ref else ref
         if ref is not None:
             carried.append(ref)
+        if bounds is not None:
+            bounds.append(part_pixel_bounds(part, source))
         return IMAGE_PLACEHOLDER
     if isinstance(kind, str) and kind.startswith("video"):
         raise DataError(f"{source}: videos are not supported yet (content part of type {kind!r} in message {i})")
@@ -636,10 +646,10 @@ def _part_text(part: Any, i: int, source: str, carried: list[Any]) -> str:
 
 def _merge_images(listed: Any, carried: list[Any], root: Path, source: str) -> list[ImageRef]:
     """The record's `images`, or else the images its content parts carry; if both, counts must agree."""
-    images = _images(listed, root, source)
+    images = resolve_images(listed, root, source)
     if carried and images and len(carried) != len(images):
         raise DataError(f"{source}: {len(carried)} image part(s) carry an image but `images` lists {len(images)}")
-    return images or _images(carried, root, source)
+    return images or resolve_images(carried, root, source)
 
 
 def _refuse_media(record: dict[str, Any], source: str) -> None:
@@ -648,37 +658,6 @@ def _refuse_media(record: dict[str, Any], source: str) -> None:
         if record.pop(key, None) not in (None, [], ""):
             kind = "videos" if key.startswith("video") else "audio"
             raise DataError(f"{source}: {kind} are not supported yet (record key `{key}`); use image data")
-
-
-def _images(refs: Any, root: Path, source: str) -> list[ImageRef]:
-    """Resolve image entries: paths (against `root`; `file://` and base64 `data:` URLs too), bytes,
-    {"bytes", "path"} dicts, PIL images. Remote URLs are refused (no downloads)."""
-    if refs is None:
-        return []
-    out: list[ImageRef] = []
-    for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
-        if isinstance(ref, dict):  # how `datasets` stores an Image feature
-            ref = ref.get("bytes") or ref.get("path")
-        if isinstance(ref, (bytes, bytearray)):
-            out.append(bytes(ref))
-        elif isinstance(ref, Image.Image):
-            out.append(ref)
-        elif isinstance(ref, str) and ref.startswith("data:"):
-            try:
-                out.append(base64.b64decode(ref.split(",", 1)[1], validate=True))
-            except (IndexError, binascii.Error):
-                raise DataError(f"{source}: image data URL is not valid base64") from None
-        elif isinstance(ref, str) and "://" in ref and not ref.startswith("file://"):
-            raise DataError(f"{source}: remote image {ref[:100]!r} is not downloaded (offline); use a local path")
-        elif isinstance(ref, str) and ref:
-            path = Path(ref.removeprefix("file://")).expanduser()
-            path = path if path.is_absolute() else root / path
-            if not path.is_file():
-                raise DataError(f"{source}: image file not found: {path}")
-            out.append(str(path))
-        else:
-            raise DataError(f"{source}: unsupported image entry of type {type(ref).__name__}")
-    return out
 
 
 def _answers(answer: Any, alternatives: Any, meta: dict[str, Any]) -> str | None:
@@ -727,34 +706,10 @@ def _validate(example: Example, require_response: bool, require_answer: bool, ve
         for ref in example.images:
             if isinstance(ref, Image.Image):
                 continue
-            reason = _verified_path(ref) if isinstance(ref, str) else _image_fault(ref)
+            reason = verified_path(ref) if isinstance(ref, str) else image_fault(ref)
             if reason:
                 what = ref if isinstance(ref, str) else f"<{len(ref)} bytes>"
                 raise DataError(f"{source}: corrupt image {what}: {reason}")
-
-
-def _image_fault(ref: str | bytes) -> str | None:
-    """Why PIL cannot verify an image (None: it can)."""
-    try:
-        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
-            im.verify()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
-        return f"{type(e).__name__}: {_one_line(e)}"
-    return None
-
-
-def _verified_path(path: str) -> str | None:
-    """`_image_fault` of a path, checked once per (path, size, mtime): corpora repeat their images."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return f"{type(e).__name__}: {_one_line(e)}"
-    return _verified(path, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=65536)
-def _verified(path: str, size: int, mtime_ns: int) -> str | None:
-    return _image_fault(path)
 
 
 def _one_line(error: Exception) -> str:

@@ -94,6 +94,10 @@ def check_flags(a: argparse.Namespace) -> None:
               ("--vllm-kv-cache-gb", a.vllm_kv_cache_gb, a.vllm_kv_cache_gb is None or a.vllm_kv_cache_gb > 0,
                "a positive number"),
               ("--vllm-max-model-len", a.vllm_max_model_len, a.vllm_max_model_len is None or a.vllm_max_model_len > 0,
+               "a positive integer"),
+              ("--image-min-pixels", a.image_min_pixels, a.image_min_pixels is None or a.image_min_pixels > 0,
+               "a positive integer"),
+              ("--image-max-pixels", a.image_max_pixels, a.image_max_pixels is None or a.image_max_pixels > 0,
                "a positive integer")]
     for flag, value, ok, what in checks:
         if not ok:
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--answer-format", choices=["answer", "boxed", "either"], default="answer",
                    help="where answers are read from: the <answer> tag, the last \\boxed{}, or either "
                    "(as reward.answer_format)")
+    p.add_argument("--chat-template", default="auto", help="auto (the checkpoint's), chatml or a Jinja file "
+                   "(as model.chat_template; a Thinking checkpoint needs chatml)")
+    p.add_argument("--image-min-pixels", type=int, default=None, help="as data.image_min_pixels")
+    p.add_argument("--image-max-pixels", type=int, default=None, help="as data.image_max_pixels")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     check_flags(a)
@@ -134,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(a.seed)
     task = load_task(a.task, key="--task")
     model_dir = Path(a.model)
-    processor = load_processor(model_dir, key="--model")
+    processor = load_processor(model_dir, key="--model", chat_template=a.chat_template, template_key="--chat-template",
+                               min_pixels=a.image_min_pixels, max_pixels=a.image_max_pixels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelSettings(path=str(model_dir)), trainable=False, device=device, key="--model").to(device)
     examples = load_examples(a.data, limit=a.limit)

@@ -39,10 +39,18 @@ from prism.core.example import Example
 from prism.data.formats import load_examples
 from prism.dist.accelerator import make_accelerator
 from prism.eval.metrics import with_ground_truths
+from prism.models.processor import load_processor
 from prism.tracking import METRICS_FILE, Tracker, metric_rows
 
 RUN_FILES = (METRICS_FILE, "config.yaml", "warmup", "tensorboard")
 """What a run writes into its output dir besides its checkpoints (removed with them by train.overwrite)."""
+
+
+def stage_processor(cfg):
+    """The policy's processor as the stage config sets it up: `model.chat_template` and the image pixel bounds
+    (`data.image_min_pixels`, `data.image_max_pixels`)."""
+    return load_processor(cfg.model.path, cfg.model.trust_remote_code, chat_template=cfg.model.chat_template,
+                          min_pixels=cfg.data.image_min_pixels, max_pixels=cfg.data.image_max_pixels)
 
 
 def setup_run(cfg) -> tuple[Accelerator, Path]:

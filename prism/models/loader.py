@@ -1,8 +1,8 @@
 """One loader for policy, reference and processor of any local Qwen-VL checkpoint.
 
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE all load through
-`AutoModelForImageTextToText`, safetensors only, `trust_remote_code` off unless asked for.
-Freezing works on parameter names, which are the same across those families:
+Every family of `prism.models.families` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5,
+Qwen3.5-MoE) loads through `AutoModelForImageTextToText`, safetensors only, `trust_remote_code` off
+unless asked for. Freezing works on parameter names, which are the same across those families:
 `...visual.merger.*` / `...visual.deepstack_merger_list.*` is the projector, every other
 `...visual.*` parameter is the vision tower, and the rest is the language model.
 """
@@ -20,10 +20,11 @@ from transformers import AutoModelForImageTextToText
 
 from prism.core.config import ModelSettings
 from prism.core.errors import DataError
+from prism.models.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

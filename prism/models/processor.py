@@ -6,6 +6,20 @@ work. Here, when torchvision is missing, the processor is assembled from its par
 the PIL image processor, chat template) with `VideoUnavailable` standing in for the video
 processor: images work exactly as usual, videos raise a clear error. Where torchvision is present
 the stock `AutoProcessor` path is used unchanged.
+
+Two settings shape what the processor makes of an example, and both are applied here, to the one
+processor every consumer uses (collation, corpus lengths, every sampler's prompts, the discriminator):
+
+- the chat template (`model.chat_template`): the checkpoint's own (`auto`), prism's ChatML (`chatml`: Qwen's
+  markup as the Instruct templates render it, for a checkpoint whose template does not fit), or a Jinja
+  file. Whichever it is, a probe renders a PRISM response and stops with one line if the template does not
+  reproduce it as written: Qwen3's Thinking templates cut an assistant turn at `</think>`, keep only what
+  follows `<think>` as its reasoning (PRISM's `<caption>` is lost from inputs and labels alike) and open
+  `<think>` in the generation prompt;
+- the image pixel bounds (`data.image_min_pixels` / `data.image_max_pixels`): the image processor's own
+  `size` (shortest_edge / longest_edge, in pixels), from which it resizes every image (transformers'
+  `smart_resize`, the function of qwen-vl-utils: sides multiples of patch x merge, area within the bounds)
+  and counts its tokens. vLLM gets the same bounds (`prism.rollout.vllm_engine`).
 """
 
 from __future__ import annotations
@@ -16,9 +30,11 @@ from typing import Any
 
 import transformers
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers.image_utils import SizeDict
 from transformers.utils import PushToHubMixin, is_torchvision_available
 
 from prism.core.errors import ConfigError, DataError
+from prism.models.families import family_of
 from prism.models.loader import first_line, read_json_object
 
 PROCESSOR_FILE = "processor_config.json"
@@ -31,6 +47,39 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 """Either of these holds a Qwen tokenizer's vocabulary (fast, or slow BPE)."""
 JSON_FILES = ("config.json", TOKENIZER_CONFIG_FILE, PROCESSOR_FILE, PREPROCESSOR_FILE, VIDEO_FILE, CHAT_TEMPLATE_JSON)
 """The small JSON files a processor is read from (tokenizer.json, large, is left to the tokenizer)."""
+
+# prism's ChatML: Qwen's markup of system / user / assistant turns, images as <|vision_start|><|image_pad|>
+# <|vision_end|>, rendered as Qwen3-VL's Instruct template renders them (tests/families checks it against the
+# published one) but with no default system prompt and no tools. The assistant turn sits inside
+# {% generation %}, so that `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the
+# tokens a model must learn to produce, closing <|im_end|> included.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{%- for part in parts -%}{{- part['text'] -}}{%- endfor -%}"
+    "{{- '<|im_end|>' -}}{% endgeneration %}"
+    "{%- else -%}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' or 'image' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{{- '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+"""Built-in `model.chat_template` choices besides `auto` and a file."""
+PROBE_TURNS = ("<caption>a grid</caption><think>two cells</think><answer>2</answer>",
+               "<caption>one row</caption><think>three</think><answer>3</answer>")
+"""Assistant turns the template probe renders (PRISM responses, `check_chat_template`)."""
 
 
 class VideoUnavailable(PushToHubMixin):  # the mixin marks it as serialisable for save_pretrained
@@ -100,12 +149,23 @@ def missing_processor_files(path: Path, key: str = "model.path") -> list[str]:
     return missing
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False, key: str = "model.path"):
-    """Load the processor of a local Qwen-VL checkpoint (with or without torchvision).
+def load_processor(path: str | Path, trust_remote_code: bool = False, key: str = "model.path", *,
+                   chat_template: str = "auto", template_key: str = "model.chat_template",
+                   min_pixels: int | None = None, max_pixels: int | None = None):
+    """Load the processor of a local Qwen-VL checkpoint (with or without torchvision), with the chat template
+    `chat_template` (`use_chat_template`; `template_key` is the setting that chose it) and the image pixel
+    bounds `min_pixels` / `max_pixels` (`set_image_pixels`; None: the checkpoint's).
 
     Any fault (missing directory, missing tokenizer or image-processor files, a corrupt file) is one
     line naming `key` (the config key or flag that gave `path`) and the directory or file.
     """
+    processor = _read_processor(path, trust_remote_code, key)
+    use_chat_template(processor, chat_template, template_key, where=path)
+    set_image_pixels(processor, min_pixels, max_pixels)
+    return processor
+
+
+def _read_processor(path: str | Path, trust_remote_code: bool, key: str):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{key}: {path} is not a directory")
@@ -132,13 +192,8 @@ def _load_processor(path: Path, trust_remote_code: bool, key: str):
     pre_cfg = _read_json(path / PREPROCESSOR_FILE, key)
     class_name = proc_cfg.get("processor_class") or pre_cfg.get("processor_class")
     if class_name is None:
-        model_type = _read_json(path / "config.json", key).get("model_type", "")
-        class_name = {
-            "qwen2_vl": "Qwen2VLProcessor",
-            "qwen2_5_vl": "Qwen2_5_VLProcessor",
-            "qwen3_vl": "Qwen3VLProcessor",
-            "qwen3_vl_moe": "Qwen3VLProcessor",
-        }.get(model_type)
+        family = family_of(str(_read_json(path / "config.json", key).get("model_type", "")))
+        class_name = family.processor_class if family is not None else None
     processor_cls = getattr(transformers, class_name or "", None)
     if processor_cls is None:
         raise DataError(f"{key}: {path} has no usable processor (no {PROCESSOR_FILE} or {PREPROCESSOR_FILE} "
@@ -154,3 +209,78 @@ def _load_processor(path: Path, trust_remote_code: bool, key: str):
         chat_template = _read_json(path / CHAT_TEMPLATE_JSON, key).get("chat_template")
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
     return build_processor(processor_cls, image_processor, tokenizer, video_settings, chat_template)
+
+
+def use_chat_template(processor, choice: str, key: str = "model.chat_template", where: str | Path = "") -> None:
+    """Give `processor` the chat template `choice`: `auto` (keep the checkpoint's), `chatml` (`CHATML_TEMPLATE`)
+    or the path of a Jinja file; then `check_chat_template`. A ConfigError naming `key` for a file that is
+    missing or a template that does not fit."""
+    if choice in CHAT_TEMPLATES:
+        processor.chat_template = CHAT_TEMPLATES[choice]
+    elif choice != "auto":
+        file = Path(choice)
+        if not file.is_file():
+            raise ConfigError(f"{key}: {choice!r} is neither auto, {', '.join(CHAT_TEMPLATES)} nor a template file")
+        processor.chat_template = file.read_text()
+    if not getattr(processor, "chat_template", None):
+        raise ConfigError(f"{key}: {where or 'the processor'} has no chat template; set {key}=chatml")
+    check_chat_template(processor, key, where)
+
+
+def check_chat_template(processor, key: str = "model.chat_template", where: str | Path = "") -> None:
+    """Stop (ConfigError, one line naming `key`) unless the processor's chat template renders PRISM's assistant
+    turns as written: for each turn of a two-round probe conversation (system, image), the rendering up to
+    the turn with the generation prompt must be a prefix of the rendering with it, followed by the turn's text
+    verbatim; and no later turn may rewrite it. This is what prism's label masks and rollouts rely on."""
+    def render(messages, prompt=False):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+    def text(t):
+        return [{"type": "text", "text": t}]
+
+    probe = [{"role": "system", "content": text("Answer in the PRISM format.")},
+             {"role": "user", "content": [{"type": "image"}, *text("How many cells are red?")]},
+             {"role": "assistant", "content": text(PROBE_TURNS[0])},
+             {"role": "user", "content": text("And how many rows?")},
+             {"role": "assistant", "content": text(PROBE_TURNS[1])}]
+    try:
+        full = render(probe)
+        for i, m in enumerate(probe):
+            if m["role"] != "assistant":
+                continue
+            prompt, upto = render(probe[:i], prompt=True), render(probe[:i + 1])
+            turn = m["content"][0]["text"]
+            if not (upto.startswith(prompt) and upto[len(prompt):].startswith(turn) and full.startswith(upto)):
+                shown = upto[len(prompt):] if upto.startswith(prompt) else upto[-len(turn) - 40:]
+                raise ConfigError(
+                    f"{key}: the chat template of {where or 'the processor'} does not render an assistant turn as "
+                    f"written ({turn!r} comes out as {shown!r} after the generation prompt {prompt[-30:]!r}): a "
+                    f"Thinking template cuts a turn at </think>, drops PRISM's <caption> and opens <think> in the "
+                    f"generation prompt; set {key}=chatml (Qwen's ChatML, as the Instruct templates render these "
+                    "turns) or a template file that renders turns verbatim")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a template that fails to render at all (jinja errors, raise_exception)
+        raise ConfigError(f"{key}: the chat template of {where or 'the processor'} cannot render a conversation "
+                          f"with a system prompt, an image and two rounds ({type(e).__name__}: {first_line(e)})"
+                          ) from None
+
+
+def image_pixels(processor) -> tuple[int, int]:
+    """The (min, max) pixels every image is resized into (the image processor's size bounds)."""
+    size = processor.image_processor.size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    return int(get("shortest_edge")), int(get("longest_edge"))
+
+
+def set_image_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Resize every image into [min_pixels, max_pixels] pixels (None: keep the processor's bound): the image
+    processor's `size`, which both its resizing and its token count read."""
+    if min_pixels is None and max_pixels is None:
+        return
+    lo, hi = image_pixels(processor)
+    lo, hi = min_pixels if min_pixels is not None else lo, max_pixels if max_pixels is not None else hi
+    if lo > hi:
+        raise ConfigError(f"data.image_min_pixels: {lo} is above the largest image size allowed, {hi} pixels "
+                          "(data.image_max_pixels, or the processor's own bound)")
+    processor.image_processor.size = SizeDict(shortest_edge=lo, longest_edge=hi)

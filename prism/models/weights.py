@@ -4,7 +4,9 @@
         engine_model.load_weights(chunk)        # [(name, tensor)], names as in model.safetensors
 
 Names are those `save_pretrained` writes for the plain transformers model (`model.language_model.…`,
-`model.visual.…`, `lm_head.…`), whatever wraps it: DDP / DeepSpeed (`.module`), peft (its
+`model.visual.…`, `lm_head.…`), and layouts those of the family's published checkpoints (Qwen3-VL-MoE's fused
+experts transposed back, `Family.transposed_in_checkpoints`), whatever wraps the model: DDP / DeepSpeed
+(`.module`), peft (its
 `base_model.model.` prefix and `.base_layer` are dropped). A LoRA-wrapped linear is yielded merged,
 W + ΔW with ΔW = peft's `get_delta_weight` (scale · B·A), computed aside: the trained weights are not
 touched (merging in place and unmerging would leave rounding error in them). Sharded parameters are
@@ -19,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from prism.models.families import family_of
+
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -28,6 +32,8 @@ def weight_chunks(model: torch.nn.Module, max_bytes: int = 1 << 30, skip: Sequen
     `max_bytes` (one larger tensor alone), names starting with a prefix in `skip` left out."""
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
         model = model.module
+    family = family_of(model)
+    transposed = family.transposed_in_checkpoints if family is not None else ()
     entries = list(_entries(model, tuple(skip)))
     chunk: list[tuple[str, torch.nn.Parameter, list[torch.nn.Parameter]]] = []
     size = 0
@@ -35,12 +41,12 @@ def weight_chunks(model: torch.nn.Module, max_bytes: int = 1 << 30, skip: Sequen
         param = entry[1]
         nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
         if chunk and size + nbytes > max_bytes:
-            yield _materialise(chunk)
+            yield _materialise(chunk, transposed)
             chunk, size = [], 0
         chunk.append(entry)
         size += nbytes
     if chunk:
-        yield _materialise(chunk)
+        yield _materialise(chunk, transposed)
 
 
 def _entries(model: torch.nn.Module, skip: tuple[str, ...]):
@@ -70,7 +76,7 @@ def _checkpoint_name(name: str) -> str:
     return name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-def _materialise(chunk) -> list[tuple[str, torch.Tensor]]:
+def _materialise(chunk, transposed: tuple[str, ...] = ()) -> list[tuple[str, torch.Tensor]]:
     params = [p for _, p, _ in chunk] + [p for _, _, lora in chunk for m in lora for p in m.parameters()
                                          if p.requires_grad]
     with _gathered(params):
@@ -84,6 +90,8 @@ def _materialise(chunk) -> list[tuple[str, torch.Tensor]]:
                         delta = module.get_delta_weight(adapter)
                         delta = delta.full_tensor() if hasattr(delta, "full_tensor") else delta
                         tensor = tensor + delta.to(tensor.dtype)
+            if name.endswith(transposed):  # the published checkpoints' layout
+                tensor = tensor.transpose(1, 2)
             # a ZeRO-3 parameter is freed again after the block: keep a copy of it
             out.append((name, tensor.clone() if hasattr(param, "ds_id") else tensor))
         return out

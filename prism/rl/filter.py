@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--backend", choices=["native", "hf"], default="native", help="rollout backend")
+    p.add_argument("--chat-template", default="auto", help="as model.chat_template (auto, chatml or a file)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.k < 1 or a.max_n < 1:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(a.seed)
     examples = load_examples(a.data, require_answer=True)
-    processor = load_processor(a.model, key="--model")
+    processor = load_processor(a.model, key="--model", chat_template=a.chat_template, template_key="--chat-template")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ModelSettings(path=a.model), trainable=False, device=device, key="--model").to(device)
     params = SamplingParams(n=a.k, temperature=a.temperature, max_new_tokens=a.max_new_tokens)

@@ -54,12 +54,12 @@ from prism.loop.run import (
     names_last_checkpoint,
     open_logs,
     setup_run,
+    stage_processor,
 )
 from prism.losses.advantages import all_equal_groups, group_advantages
 from prism.losses.policy import ALGORITHMS
 from prism.models.loader import load_model
 from prism.models.logprobs import token_log_probs
-from prism.models.processor import load_processor
 from prism.rewards import RewardModel, accuracy_reward, format_reward, overlong_penalty
 from prism.rl.config import RLConfig
 from prism.rollout.engine import RolloutBackend, make_backend
@@ -190,7 +190,7 @@ def train(cfg: RLConfig) -> dict:
     # --- build -----------------------------------------------------------------------------
     accelerator, out = setup_run(cfg)
     task = load_task(cfg.data.task)
-    processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
+    processor = stage_processor(cfg)
     prompts = load_prompts(cfg.data.train, cfg)
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(prompts), cfg.train.prompts_per_step, "train.prompts_per_step", accelerator.num_processes)

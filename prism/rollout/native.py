@@ -49,6 +49,7 @@ from prism.core.batching import text_position_ids
 from prism.core.example import Example
 from prism.core.rollouts import Rollouts, SamplingParams, select_prompt_rows
 from prism.data.collate import encode_prompts
+from prism.models.families import family_of
 from prism.models.loader import unwrap
 from prism.rollout.ids import eos_ids, vision_ids
 
@@ -65,6 +66,14 @@ def supports_native(model: torch.nn.Module) -> str | None:
     lm = getattr(getattr(base, "model", None), "language_model", None)
     if lm is None or not hasattr(lm, "layers") or not hasattr(base, "lm_head"):
         return f"{type(base).__name__} has no model.language_model.layers / lm_head"
+    family = family_of(base)
+    if family is not None and family.recurrent:
+        if base.config._attn_implementation not in ("sdpa", "eager"):
+            return (f"{family.name}'s decode step runs its attention layers' own forward, which takes a 4D mask "
+                    f"under sdpa or eager, not {base.config._attn_implementation}")
+        if not all(hasattr(layer, "linear_attn") or hasattr(layer, "self_attn") for layer in lm.layers):
+            return f"{type(lm.layers[0]).__name__} is not a decoder layer the native sampler knows"
+        return None
     layer = lm.layers[0]
     parts = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
     if not all(hasattr(layer, p) for p in parts) or not all(
@@ -163,6 +172,71 @@ class DecodeStep(torch.nn.Module):
         return _linear(self.head, _norm(self.lm.norm, h)[:, -1])
 
 
+class _RowState:
+    """One decoding position's cache, as the layers' own forwards read one (`transformers.Cache`'s calls they
+    make): an attention layer's keys and values go into its static buffers at `slot` and it attends over the
+    first `length` positions; a Gated-DeltaNet layer reads and updates its convolution and recurrent states in
+    place."""
+
+    def __init__(self, keys, values, conv, recurrent, slot, length):
+        self.keys, self.values, self.conv, self.recurrent = keys, values, conv, recurrent
+        self.slot, self.length = slot, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.slot.view(1), key_states)
+        self.values[layer_idx].index_copy_(2, self.slot.view(1), value_states)
+        return self.keys[layer_idx][:, :, :self.length], self.values[layer_idx][:, :, :self.length]
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.conv[layer_idx]
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.recurrent[layer_idx]
+
+    def update_recurrent_state(self, state, layer_idx, state_idx=0, **kwargs):
+        self.recurrent[layer_idx].copy_(state)
+        return self.recurrent[layer_idx]
+
+    def is_recording_past(self, layer_idx=None):
+        return False
+
+    def increase_count(self, layer_idx, state_idx=0):
+        """(A cache counts decoded tokens here; positions come from the caller.)"""
+
+    def get_recurrent_states_to_keep(self, layer_idx=None):
+        return 0
+
+
+class HybridDecodeStep(torch.nn.Module):
+    """`DecodeStep` for the hybrid Gated-DeltaNet + attention families (Qwen3.5, dense and MoE): each decoder
+    layer runs its own forward on one position per row, with a `_RowState` for a cache. Attention layers write
+    their keys and values into the static buffers and attend under an additive mask (gated queries, partial
+    rotary and zero-centred norms are theirs); Gated-DeltaNet layers advance each row's convolution window and
+    recurrent state in place (`keys[i]` / `values[i]` are None for them, `conv[i]` / `recurrent[i]` None for
+    attention layers).
+
+    forward(tokens [n], positions [n], slot [], keys/values: per attention layer [n, Hkv, S, D], mask [n, S]
+    bool, conv: per linear layer [n, C, K], recurrent: [n, Hv, Dk, Dv]) -> [n, V] logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        base = unwrap(model)
+        self.lm = base.model.language_model
+        self.head = base.lm_head
+
+    def forward(self, tokens, positions, slot, keys, values, mask, conv, recurrent):
+        h = self.lm.embed_tokens(tokens)[:, None, :]
+        # text tokens: the three M-RoPE components equal, through the model's own rotary embedding
+        cos_sin = self.lm.rotary_emb(h, positions[None, :, None].expand(3, -1, 1))
+        additive = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, float("-inf"))
+        state = _RowState(keys, values, conv, recurrent, slot, mask.shape[1])
+        for i, layer in enumerate(self.lm.layers):
+            linear = hasattr(layer, "linear_attn")
+            h = layer(h, position_embeddings=cos_sin, attention_mask=None if linear else additive[:, None, None, :],
+                      position_ids=None, cache=state)
+        return _linear(self.head, self.lm.norm(h)[:, -1])
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, suppress: torch.Tensor | None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row and its log-prob.
@@ -200,10 +274,11 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, suppress: torch.Te
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _static(keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+def _static(buffers: list[torch.Tensor | None]) -> None:
     """Mark the cache buffers as fixed addresses: the CUDA graph writes into them in place."""
-    for buf in (*keys, *values):
-        torch._dynamo.mark_static_address(buf)
+    for buf in buffers:
+        if buf is not None:
+            torch._dynamo.mark_static_address(buf)
 
 
 def _bucket(n: int) -> int:
@@ -222,7 +297,9 @@ class NativeBackend:
         (e.g. another policy) gets its own step."""
         if getattr(self, "model", None) is not model:
             self.model = model
-            self.step = DecodeStep(model)
+            family = family_of(model)
+            self.hybrid = family is not None and family.recurrent
+            self.step = HybridDecodeStep(model) if self.hybrid else DecodeStep(model)
             self._compiled = None
 
     # ------------------------------------------------------------------------------ ids and positions
@@ -246,8 +323,9 @@ class NativeBackend:
         return last + 1
 
     def _prefill(self, inputs: dict[str, torch.Tensor]):
-        """The model's own forward over the prompts: logits [B, V] of the next token and per-layer (k, v)
-        [B, Hkv, P, D]."""
+        """The model's own forward over the prompts: logits [B, V] of the next token and, per layer, its (k, v)
+        [B, Hkv, P, D] or, for a Gated-DeltaNet layer, its (conv [B, C, K], recurrent [B, Hv, Dk, Dv]) state
+        (told apart by `_is_recurrent`)."""
         base = unwrap(self.model)
         extra = {}
         if "pixel_values" not in inputs:  # as the HF backend and the log-prob forward number text-only rows
@@ -255,7 +333,8 @@ class NativeBackend:
         out = base(**inputs, **extra, use_cache=True, logits_to_keep=1)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         if hasattr(cache, "layers"):
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            kv = [(layer.conv_states[0], layer.recurrent_states[0]) if hasattr(layer, "recurrent_states")
+                  else (layer.keys, layer.values) for layer in cache.layers]
         else:  # older transformers
             kv = list(zip(cache.key_cache, cache.value_cache))
         return out["logits"][:, -1], kv
@@ -308,14 +387,21 @@ class NativeBackend:
         held = _bucket(N) if compiled is not None else N
         pick = torch.arange(held, device=device) // G  # the prompt of each held row
         pick = pick.masked_fill(pick >= B, 0)
-        keys = [torch.zeros(held, k.shape[1], S, k.shape[3], dtype=k.dtype, device=device) for k, _ in kv]
-        values = [torch.zeros(held, v.shape[1], S, v.shape[3], dtype=v.dtype, device=device) for _, v in kv]
-        for i, (k, v) in enumerate(kv):
-            keys[i][:, :, :P] = k[pick]
-            values[i][:, :, :P] = v[pick]
+        # per layer: attention layers' key / value buffers, Gated-DeltaNet layers' conv / recurrent states (the
+        # other pair None); every tensor is per held row
+        recurrent_layer = [self.hybrid and not hasattr(layer, "self_attn") for layer in self.step.lm.layers]
+        keys, values, conv, recurrent = [], [], [], []
+        for (a, b), rec in zip(kv, recurrent_layer):
+            if rec:
+                keys.append(None), values.append(None), conv.append(a[pick]), recurrent.append(b[pick])
+                continue
+            k = torch.zeros(held, a.shape[1], S, a.shape[3], dtype=a.dtype, device=device)
+            v = torch.zeros(held, b.shape[1], S, b.shape[3], dtype=b.dtype, device=device)
+            k[:, :, :P], v[:, :, :P] = a[pick], b[pick]
+            keys.append(k), values.append(v), conv.append(None), recurrent.append(None)
         del kv
         if compiled is not None and device.type == "cuda":
-            _static(keys, values)
+            _static(keys + values + conv + recurrent)
         mask = torch.zeros(held, S, dtype=torch.bool, device=device)
         mask[:, :P] = inputs["attention_mask"].bool()[pick]
         positions = self._next_positions(inputs)[pick]
@@ -343,26 +429,30 @@ class NativeBackend:
                 held = _bucket(n_run) if compiled is not None else n_run
                 idx = torch.cat([keep, keep[:1].expand(held - n_run)])
                 live, tokens, running = live[keep], tokens[keep], running[keep]
-                keys, values = [k[idx] for k in keys], [v[idx] for v in values]
+                keys, values, conv, recurrent = ([None if x is None else x[idx] for x in xs]
+                                                 for xs in (keys, values, conv, recurrent))
                 mask, positions = mask[idx], positions[idx]
                 if compiled is not None and device.type == "cuda":
-                    _static(keys, values)
+                    _static(keys + values + conv + recurrent)
             if held > len(tokens):  # the held rows past the live ones read any token
                 tokens = torch.cat([tokens, tokens[:1].expand(held - len(tokens))])
             slot = P + t
             mask[:, slot] = True
+            states = (conv, recurrent) if self.hybrid else ()
             if compiled is not None:  # static shapes: the whole cache, masked
                 try:
-                    logits = compiled(tokens, positions + t, torch.tensor(slot, device=device), keys, values, mask)
+                    logits = compiled(tokens, positions + t, torch.tensor(slot, device=device), keys, values, mask,
+                                      *states)
                 except Exception as e:  # noqa: BLE001 - compiling failed on first use: this chunk again, eagerly
                     log.warning("rollout.compile: the compiled decode step failed (%s); decoding eagerly",
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
                     self.compile, self._compiled = False, None
                     return self._chunk(chunk, params, eos, suppress)
             else:  # eager: only the positions written so far
+                seen = slot + 1
                 logits = self.step(tokens, positions + t, torch.tensor(slot, device=device),
-                                   [k[:, :, :slot + 1] for k in keys], [v[:, :, :slot + 1] for v in values],
-                                   mask[:, :slot + 1])
+                                   [k if k is None else k[:, :, :seen] for k in keys],
+                                   [v if v is None else v[:, :, :seen] for v in values], mask[:, :seen], *states)
         response = out_tokens[:, :steps].cpu()
         is_eos = torch.isin(response, eos_t.cpu())
         valid = ~((is_eos.cumsum(-1) - is_eos.long()) > 0)  # up to and including the first EOS

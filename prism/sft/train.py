@@ -36,7 +36,7 @@ from prism.data.collate import SFTCollator
 from prism.data.corpus import Corpus
 from prism.data.loader import step_loader
 from prism.data.order import batch_indices
-from prism.data.packing import pack
+from prism.data.packing import pack, sequences_apart
 from prism.dist import ModelUpdate, optimizer_from_config, prepare, reduce_sum
 from prism.eval.policy import evaluate
 from prism.loop.run import (
@@ -48,11 +48,11 @@ from prism.loop.run import (
     names_last_checkpoint,
     open_logs,
     setup_run,
+    stage_processor,
 )
 from prism.losses.sft import head_token_nll, shifted_token_nll
 from prism.models.loader import load_model
 from prism.models.logprobs import final_hidden_states, output_head
-from prism.models.processor import load_processor
 from prism.sft.config import SFTConfig
 
 log = logging.getLogger("prism.sft")
@@ -102,7 +102,7 @@ def train(cfg: SFTConfig) -> dict:
     accelerator, out = setup_run(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     task = load_task(cfg.data.task)
-    processor = load_processor(cfg.model.path, cfg.model.trust_remote_code)
+    processor = stage_processor(cfg)
     train_data, lengths = load_train_data(cfg, processor, accelerator)
     eval_data = load_eval_data(cfg)
     check_enough(cfg, len(train_data), cfg.train.micro_batch_size, "train.micro_batch_size", world, "examples")
@@ -136,9 +136,11 @@ def train(cfg: SFTConfig) -> dict:
         nll_total = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            apart = contextlib.nullcontext()
             if cfg.train.padding_free:
                 batch = pack(accelerator.unwrap_model(model), batch)
-            with update.micro_batch(last=m == len(micro) - 1):
+                apart = sequences_apart(accelerator.unwrap_model(model), batch)  # Qwen3.5's recurrent layers
+            with update.micro_batch(last=m == len(micro) - 1), apart:
                 nll = token_nll(cfg, model, batch)
                 update.backward(nll / n_tokens)
             nll_total += nll.detach()

@@ -138,10 +138,11 @@ class Rollouts:
 
 def select_prompt_rows(prompt: dict[str, torch.Tensor], images_per_row: torch.Tensor, rows: torch.Tensor) -> dict:
     """The prompt batch of `rows` (in that order, repeats allowed): per-row tensors indexed, and each row's
-    images (image_grid_thw rows, pixel_values patches) gathered with it."""
+    images (image_grid_thw rows, pixel_values patches) gathered with it. Rows without an image get no image
+    tensors at all: the Qwen-VL models fail on an empty pixel_values."""
     out = {k: prompt[k][rows] for k in _ROW_KEYS if k in prompt}
     grid = prompt.get("image_grid_thw")
-    if grid is not None:
+    if grid is not None and int(images_per_row[rows].sum()) > 0:  # (text-only rows: no empty image tensors)
         first_image = torch.cumsum(images_per_row, 0) - images_per_row  # [N] index of each row's first image
         image_idx = torch.cat([torch.arange(int(first_image[r]), int(first_image[r] + images_per_row[r]))
                                for r in rows.tolist()]) if len(rows) else torch.zeros(0, dtype=torch.long)

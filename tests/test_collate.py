@@ -266,7 +266,7 @@ def test_an_image_rewritten_after_its_size_was_read_is_read_again(tiny_processor
     import os
     import time
 
-    from prism.data.collate import image_size
+    from prism.data.images import image_size
 
     path = tmp_path / "im.png"
     Image.new("RGB", (48, 48)).save(path)

@@ -243,7 +243,7 @@ def test_parallel_build_equals_serial_and_reports_the_earliest_fault(data, tiny_
 
 
 def test_image_size_names_each_example_reading_a_bad_file(tmp_path):
-    from prism.data.collate import image_size
+    from prism.data.images import image_size
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -428,6 +428,37 @@ def test_content_parts_in_both_styles_carry_images_in_order(tmp_path):
     assert fourth.images == [str(tmp_path / "imgs" / "a.png")] and fourth.meta == {}
 
 
+def test_image_parts_keep_their_own_pixel_bounds_per_image(tmp_path):
+    """qwen-vl-utils' per-image min_pixels / max_pixels: one [min, max] (or null) per image, in placeholder order,
+    across string and part content; none asked: no meta."""
+    make_png(tmp_path / "a.png", RED)
+    path = write_jsonl(tmp_path / "bounds.jsonl", [
+        {"messages": [{"role": "user", "content": "<image>first"},
+                      {"role": "assistant", "content": "ok"},
+                      {"role": "user", "content": [{"type": "image", "max_pixels": 50176},
+                                                   {"type": "text", "text": "and <image>"},
+                                                   {"type": "image", "min_pixels": 3136, "max_pixels": 12845056}]}],
+         "images": ["a.png", "a.png", "a.png", "a.png"]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "q"}]}]},
+    ])
+    asked, plain = load_examples(path)
+    assert asked.meta["image_pixels"] == [None, [None, 50176], None, [3136, 12845056]]
+    assert "image_pixels" not in plain.meta
+
+
+@pytest.mark.parametrize("part, problem", [
+    ({"max_pixels": 0}, "max_pixels must be a positive integer, got 0"),
+    ({"min_pixels": "big"}, "min_pixels must be a positive integer, got 'big'"),
+    ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels 5000 is above its max_pixels 4000"),
+])
+def test_bad_image_part_pixel_bounds_are_one_line(image_dir, part, problem):
+    bad = {"messages": [{"role": "user", "content": [{"type": "image", "value": "ok.png", **part}]}]}
+    path = write_jsonl(image_dir / "bounds.jsonl", [GOOD, bad])
+    with pytest.raises(DataError) as error:
+        load_examples(path)
+    assert_one_line_error(error, f"{path}:2: ", problem)
+
+
 @pytest.mark.parametrize("content, problem", [
     ([{"type": "text", "value": "q"}, {"type": "video", "value": "v.mp4"}], "videos are not supported yet (content part of type 'video'"),
     ([{"type": "audio", "value": "a.wav"}], "content part of type 'audio'"),

@@ -32,6 +32,7 @@ def test_paper_config_loads_with_the_paper_settings(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# accelerate launch --config_file configs/accelerate/") and f"--config {path.relative_to(REPO)}" in first
     assert cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.dtype == "bfloat16"
+    assert cfg.model.chat_template == "auto" and "Thinking checkpoint" in path.read_text()  # the Instruct template
     if _stage(path) == "sft":
         o = cfg.optim
         assert (o.lr, o.scheduler, o.warmup_ratio) == (1e-5, "cosine", 0.1)

@@ -2,15 +2,16 @@
 with a compiled decode step, on the same prompts and sampling settings, in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/sampler.py [--prompts 4 --group 4 --max-new-tokens 64 --repeats 3]
-                                                   [--no-compile] [--model DIR] [--out sampler.json]
+                                                   [--no-compile] [--model DIR | --family F] [--out sampler.json]
 
-The tiny random Qwen3-VL (built offline) and synthetic image + question prompts by default, or any local
-Qwen-VL with `--model`. Every backend samples the same B prompts × G samples at temperature 1, top-p 1, no
-top-k; each is run once as a warm-up (the compiled step compiles there) and then `--repeats` times, the
-best repeat counted. Printed per backend: generated tokens/s (response tokens up to and including EOS,
-padding excluded, over wall time of the whole `rollout` call: prompt encoding, prefill, decoding,
-detokenisation), milliseconds per decoding position, and for the native sampler the time of one decode
-step alone (the eager step next to the compiled one). The last lines give the ratios native / hf.
+The tiny random Qwen3-VL (built offline) and synthetic image + question prompts by default, prism's own tiny
+model of another family with `--family` (qwen3_5: the native sampler's hybrid step, against the hf backend that
+sampled Qwen3.5 before it), or any local Qwen-VL with `--model`. Every backend samples the same B prompts × G
+samples at temperature 1, top-p 1, no top-k; each is run once as a warm-up (the compiled step compiles there)
+and then `--repeats` times, the best repeat counted. Printed per backend: generated tokens/s (response tokens
+up to and including EOS, padding excluded, over wall time of the whole `rollout` call: prompt encoding,
+prefill, decoding, detokenisation), milliseconds per decoding position, and for the native sampler the time
+of one decode step alone (the eager step next to the compiled one). The last lines give the ratios native / hf.
 
 On a GPU, `benchmarks/gpu_throughput.py --skip-sft --backends native,hf,native+compile` measures tokens/s and the fraction of the
 memory-bandwidth bound for a 1.7B model at 128 sequences.
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled decode step")
     p.add_argument("--model", help="a local Qwen-VL directory (default: the tiny model, built once)")
+    p.add_argument("--family", default="qwen3_vl", help="the tiny model's family (prism.models.families)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sampler-bench"))
     p.add_argument("--out", type=Path, help="write the numbers as JSON")
     a = p.parse_args(argv)
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     from prism.rollout.native import NativeBackend
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(a.model) if a.model else a.workdir / "model"
+    model_dir = Path(a.model) if a.model else a.workdir / ("model" if a.family == "qwen3_vl" else f"model-{a.family}")
     if not a.model and not (model_dir / "config.json").is_file():
-        build_tiny(model_dir)
+        build_tiny(model_dir, family=a.family)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
     processor = load_processor(model_dir)

@@ -21,7 +21,7 @@ from prism.models.loader import (
     load_model,
     resolve_dtype,
 )
-from prism.models.processor import load_processor
+from prism.models.processor import image_pixels, load_processor
 from prism.models.tiny import FORMAT_TAGS
 
 # Qwen's special tokens, in Qwen's id order (151643..151656 in the real vocabulary).
@@ -426,3 +426,20 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype("auto", "cuda") is torch.bfloat16
     assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_chat_template_and_image_bound_faults_are_one_line(tiny_model_dir, tmp_path):
+    from prism.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_processor(tiny_model_dir, chat_template="nope.jinja")
+    assert str(e.value) == "model.chat_template: 'nope.jinja' is neither auto, chatml nor a template file"
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ raise_exception('System role not supported') }}")
+    with pytest.raises(ConfigError, match=r"^discriminator.chat_template: the chat template of .* cannot render a "
+                                          r"conversation .*System role not supported\)$"):
+        load_processor(tiny_model_dir, chat_template=str(broken), template_key="discriminator.chat_template")
+    with pytest.raises(ConfigError, match="data.image_min_pixels: 5000 is above the largest image size allowed, 4000"):
+        load_processor(tiny_model_dir, min_pixels=5000, max_pixels=4000)
+    processor = load_processor(tiny_model_dir, max_pixels=64 * 64)  # one bound: the other stays the checkpoint's
+    assert image_pixels(processor) == (16 * 16, 64 * 64)

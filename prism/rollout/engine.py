@@ -6,7 +6,8 @@
 
 Rollouts of one prompt are contiguous (row i belongs to prompt i // n). A backend turns examples
 into `Rollouts` (`prism.core.rollouts`); `HFBackend` uses transformers' `generate` (KV cache,
-left-padded prompts, `chunk_size` sequences at a time to bound memory). The trainers only see the
+left-padded prompts, `chunk_size` sequences at a time to bound memory), with nothing of the checkpoint's
+generation_config but its stop ids (`only_these_settings`). The trainers only see the
 `RolloutBackend` protocol (`rollout` + `sync_weights`), built by `make_backend` from the config's
 `rollout.backend`: `native` (`prism.rollout.native`: one prefill per prompt, a static KV cache, the
 default), `hf`, or `vllm` (`prism.rollout.vllm_engine`: a colocated vLLM engine).

@@ -30,10 +30,12 @@ Per chunk of prompts (`chunk_size` sequences = prompts × n):
    torch's global generator, whose state every checkpoint saves, so a resumed run samples the same.
 
 Greedy outputs equal transformers' `generate` and the log-probs equal the teacher-forced forward to
-float noise (tests/test_native.py). Supported: the Qwen-VL families prism loads (decoder layers with
-`self_attn.{q,k,v,o}_proj`, `input_layernorm`, `post_attention_layernorm`, `mlp`); a model whose
-weights are sharded (FSDP2, ZeRO-3) or of another structure is sampled by the HF backend instead, with a
-warning (`make_backend`).
+float noise (tests/test_native.py, and per family tests/families). Supported: every family of
+`prism.models.families`: the attention-only ones (decoder layers with `self_attn.{q,k,v,o}_proj`,
+`input_layernorm`, `post_attention_layernorm`, `mlp`) through `DecodeStep`, the hybrid Gated-DeltaNet ones
+(Qwen3.5) through `HybridDecodeStep`, which keeps each row's convolution and recurrent state in the cache. A
+model whose weights are sharded (FSDP2, ZeRO-3) or of another structure is sampled by the HF backend instead,
+with a warning (`make_backend`).
 """
 
 from __future__ import annotations

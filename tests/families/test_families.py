@@ -491,3 +491,16 @@ def test_prism_sft_padding_free_follows_the_padded_run(case, tmp_path):
         rows = [json.loads(line) for line in (tmp_path / str(free) / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["train/loss"] for r in rows if "train/loss" in r])
     assert np.allclose(losses[0], losses[1], atol=1e-5), losses
+
+
+@pytest.mark.slow
+def test_the_compiled_hybrid_step_decodes_greedily_as_generate(case, loaded, caplog):
+    if not case.family.recurrent:
+        pytest.skip("tests/test_native.py compiles the attention-only step")
+    model, processor = loaded
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, n=1)
+    a = HFBackend(model, processor).rollout(prompts(), params)
+    with caplog.at_level("WARNING", logger="prism.rollout"):
+        b = NativeBackend(model, processor, compile=True).rollout(prompts(), params)
+    assert not caplog.records  # compiled, not fallen back to eager decoding
+    assert torch.equal(a.response_ids, b.response_ids)

@@ -38,6 +38,8 @@ class Family:
     """transformers' processor class of the family."""
     model_class: str
     """transformers' *ForConditionalGeneration class."""
+    video_processor_class: str = "Qwen3VLVideoProcessor"
+    """transformers' video processor class (recorded with a processor assembled without torchvision)."""
     moe: bool = False
     """Mixture-of-experts MLP blocks."""
     recurrent: bool = False
@@ -57,10 +59,10 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("qwen2_vl", "Qwen2-VL", "Qwen2VLProcessor", "Qwen2VLForConditionalGeneration", head_dim_key=False,
-           vision_width="embed_dim", vision_out="hidden_size", vision_mlp=None),
+    Family("qwen2_vl", "Qwen2-VL", "Qwen2VLProcessor", "Qwen2VLForConditionalGeneration", "Qwen2VLVideoProcessor",
+           head_dim_key=False, vision_width="embed_dim", vision_out="hidden_size", vision_mlp=None),
     Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration",
-           head_dim_key=False),
+           "Qwen2VLVideoProcessor", head_dim_key=False),
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
     Family("qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration", moe=True,
            transposed_in_checkpoints=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),

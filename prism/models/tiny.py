@@ -153,7 +153,7 @@ def tiny_config(tokenizer, moe: bool = False, hidden: int = 128, layers: int = 4
         # DeepStack: features of vision block 0 are added to the first LM layer's hidden states.
         deepstack_visual_indexes=[0],
     )
-    if fam.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if not fam.head_dim_key:  # Qwen2-VL, Qwen2.5-VL
         # head_dim is hidden / heads; M-RoPE sections in Qwen2-VL's 1 : 1.5 : 1.5 ([16, 24, 24] of 64), not
         # interleaved
         del text["head_dim"]
@@ -212,8 +212,7 @@ def build_tiny(out: str | Path, moe: bool = False, seed: int = 0, hidden: int = 
     model = getattr(transformers, fam.model_class)(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
-    video_type = "Qwen2VLVideoProcessor" if fam.model_type in ("qwen2_vl", "qwen2_5_vl") else "Qwen3VLVideoProcessor"
-    video = {"video_processor_type": video_type, "patch_size": 8, "merge_size": 2,
+    video = {"video_processor_type": fam.video_processor_class, "patch_size": 8, "merge_size": 2,
              "temporal_patch_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     processor = build_processor(getattr(transformers, fam.processor_class), build_image_processor(), tokenizer, video,
                                 CHAT_TEMPLATE)
@@ -266,9 +265,8 @@ def shrink_config(config, hidden: int | None = None, layers: int | None = None):
     h, n = sizes["hidden"], sizes["layers"]
     text.update(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=2,
                 num_key_value_heads=sizes["kv_heads"])
-    for key in ("layer_types",):
-        if text.get(key):
-            text[key] = text[key][:n]
+    if text.get("layer_types"):
+        text["layer_types"] = text["layer_types"][:n]
     if text.get("mlp_only_layers"):
         text["mlp_only_layers"] = [i for i in text["mlp_only_layers"] if i < n]
     if fam.moe:
@@ -296,7 +294,6 @@ def build_like(src: str | Path, out: str | Path, hidden: int | None = None, laye
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"prism-tiny --like: {src} has no config.json")
-    read_json_object(src / "config.json", "prism-tiny --like")
     model_type = read_json_object(src / "config.json", "prism-tiny --like").get("model_type")
     fam = family_named(str(model_type), f"prism-tiny --like: {src / 'config.json'}")
     processor = load_processor(src, key="prism-tiny --like")  # every file it needs is there and loads
@@ -335,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.like:
         out = build_like(a.like, a.out, hidden=a.hidden, layers=a.layers, seed=a.seed)
     else:
-        hidden, layers = a.hidden or 128, a.layers or 4
+        hidden, layers = 128 if a.hidden is None else a.hidden, 4 if a.layers is None else a.layers
         if a.head_dim % 8 or a.head_dim <= 0:
             p.error("--head-dim must be a positive multiple of 8 (the rotary sections split head_dim / 2 as 2:1:1)")
         if hidden <= 0 or hidden % (2 * a.head_dim):

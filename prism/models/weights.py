@@ -6,8 +6,7 @@
 Names are those `save_pretrained` writes for the plain transformers model (`model.language_model.…`,
 `model.visual.…`, `lm_head.…`), and layouts those of the family's published checkpoints (Qwen3-VL-MoE's fused
 experts transposed back, `Family.transposed_in_checkpoints`), whatever wraps the model: DDP / DeepSpeed
-(`.module`), peft (its
-`base_model.model.` prefix and `.base_layer` are dropped). A LoRA-wrapped linear is yielded merged,
+(`.module`), peft (its `base_model.model.` prefix and `.base_layer` are dropped). A LoRA-wrapped linear is yielded merged,
 W + ΔW with ΔW = peft's `get_delta_weight` (scale · B·A), computed aside: the trained weights are not
 touched (merging in place and unmerging would leave rounding error in them). Sharded parameters are
 gathered a chunk at a time: FSDP2's DTensors with `full_tensor()`, DeepSpeed ZeRO-3's with

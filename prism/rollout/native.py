@@ -232,7 +232,7 @@ class HybridDecodeStep(torch.nn.Module):
         cos_sin = self.lm.rotary_emb(h, positions[None, :, None].expand(3, -1, 1))
         additive = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, float("-inf"))
         state = _RowState(keys, values, conv, recurrent, slot, mask.shape[1])
-        for i, layer in enumerate(self.lm.layers):
+        for layer in self.lm.layers:
             linear = hasattr(layer, "linear_attn")
             h = layer(h, position_embeddings=cos_sin, attention_mask=None if linear else additive[:, None, None, :],
                       position_ids=None, cache=state)
@@ -326,8 +326,8 @@ class NativeBackend:
 
     def _prefill(self, inputs: dict[str, torch.Tensor]):
         """The model's own forward over the prompts: logits [B, V] of the next token and, per layer, its (k, v)
-        [B, Hkv, P, D] or, for a Gated-DeltaNet layer, its (conv [B, C, K], recurrent [B, Hv, Dk, Dv]) state
-        (told apart by `_is_recurrent`)."""
+        [B, Hkv, P, D] or, for a Gated-DeltaNet layer (`linear_attn`), its (conv [B, C, K], recurrent
+        [B, Hv, Dk, Dv]) state."""
         base = unwrap(self.model)
         extra = {}
         if "pixel_values" not in inputs:  # as the HF backend and the log-prob forward number text-only rows
@@ -391,7 +391,7 @@ class NativeBackend:
         pick = pick.masked_fill(pick >= B, 0)
         # per layer: attention layers' key / value buffers, Gated-DeltaNet layers' conv / recurrent states (the
         # other pair None); every tensor is per held row
-        recurrent_layer = [self.hybrid and not hasattr(layer, "self_attn") for layer in self.step.lm.layers]
+        recurrent_layer = [hasattr(layer, "linear_attn") for layer in self.step.lm.layers]
         keys, values, conv, recurrent = [], [], [], []
         for (a, b), rec in zip(kv, recurrent_layer):
             if rec:

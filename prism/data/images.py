@@ -9,9 +9,10 @@
   part may ask for its own, as qwen-vl-utils' users write them (`{"type": "image", "image": "a.jpg",
   "min_pixels": 3136, "max_pixels": 401408}`): the reader keeps them in `meta["image_pixels"]` (one [min, max]
   or null per image, `part_pixel_bounds`), and `example_images` / `resized_size` resize such an image with the
-  same function the processor uses (transformers' `smart_resize`, which is qwen-vl-utils'), its bounds
-  clamped into the processor's so that the processor then leaves it as it is. Collation, corpus lengths,
-  every sampler (vLLM is sent the resized pixels) and the discriminator all go through these two functions.
+  same function the processor uses (transformers' `smart_resize`: qwen-vl-utils' rule, the two differing only
+  for a side under half a merged patch), its bounds clamped into the processor's so that the processor then
+  leaves it as it is. Collation, corpus lengths, every sampler (vLLM is sent the resized pixels) and the
+  discriminator all go through these two functions.
 """
 
 from __future__ import annotations

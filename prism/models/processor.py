@@ -18,7 +18,7 @@ processor every consumer uses (collation, corpus lengths, every sampler's prompt
   `<think>` in the generation prompt;
 - the image pixel bounds (`data.image_min_pixels` / `data.image_max_pixels`): the image processor's own
   `size` (shortest_edge / longest_edge, in pixels), from which it resizes every image (transformers'
-  `smart_resize`, the function of qwen-vl-utils: sides multiples of patch x merge, area within the bounds)
+  `smart_resize`, qwen-vl-utils' rule: sides multiples of patch x merge, area within the bounds, aspect kept)
   and counts its tokens. vLLM gets the same bounds (`prism.rollout.vllm_engine`).
 """
 

@@ -296,7 +296,9 @@ def build_like(src: str | Path, out: str | Path, hidden: int | None = None, laye
         raise FileNotFoundError(f"prism-tiny --like: {src} has no config.json")
     model_type = read_json_object(src / "config.json", "prism-tiny --like").get("model_type")
     fam = family_named(str(model_type), f"prism-tiny --like: {src / 'config.json'}")
-    processor = load_processor(src, key="prism-tiny --like")  # every file it needs is there and loads
+    # every file it needs is there and loads; the copy keeps SRC's own template, which is checked (and a Thinking
+    # one refused) only when the tiny model is used, not here
+    processor = load_processor(src, key="prism-tiny --like", chat_template="chatml")
     config = shrink_config(AutoConfig.from_pretrained(src), hidden, layers)
     torch.manual_seed(seed)
     model = getattr(transformers, fam.model_class)(config)

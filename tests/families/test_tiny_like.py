@@ -82,3 +82,20 @@ def test_prism_tiny_builds_every_family(tmp_path, capsys):
         assert config["model_type"] == family
     out = capsys.readouterr().out
     assert "tiny Qwen3.5-MoE written to" in out and "tiny Qwen2-VL written to" in out
+
+
+def test_a_thinking_checkpoint_is_copied_as_it_is_and_refused_only_when_used(tmp_path):
+    """--like keeps SRC's template byte for byte, whatever it is; loading the tiny model with it is what refuses."""
+    from test_families import THINKING_TEMPLATE
+
+    from prism.core.errors import ConfigError
+    from prism.models.processor import load_processor
+    from prism.models.tiny import build_like, build_tiny
+
+    src = build_tiny(tmp_path / "src")
+    (src / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    out = build_like(src, tmp_path / "tiny")
+    assert (out / "chat_template.jinja").read_text() == THINKING_TEMPLATE
+    with pytest.raises(ConfigError, match="model.chat_template"):
+        load_processor(out)
+    assert load_processor(out, chat_template="chatml").chat_template != THINKING_TEMPLATE

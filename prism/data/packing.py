@@ -95,7 +95,7 @@ def sequences_apart(model, packed: dict):
     text_positions = packed["position_ids"][0, 0]
     starts = (text_positions == 0).nonzero().squeeze(-1).tolist() + [text_positions.shape[0]]
     lengths = [b - a for a, b in zip(starts, starts[1:]) if b > a]
-    layers = [m for m in unwrap(model).modules() if type(m).__name__.endswith("GatedDeltaNet")]
+    layers = [layer.linear_attn for layer in unwrap(model).model.language_model.layers if hasattr(layer, "linear_attn")]
 
     def per_sequence(self, hidden_states, *args, cache=None, attention_mask=None, **kwargs):
         pieces = hidden_states.split(lengths, dim=1)
